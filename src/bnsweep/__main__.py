@@ -1,0 +1,3 @@
+from bnsweep.train import main
+
+main()

@@ -1,0 +1,99 @@
+"""A local ``mlflow server`` over ``<store_dir>/mlflow.db``, bound to 127.0.0.1 by default.
+
+Used by ``make ui``, by sweeps (one server shared by every worker) and by the tests. It runs in
+its own process group so that ``stop`` ends the server and all its web workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from bnsweep.errors import TrackingError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def healthy(uri: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class MlflowServer:
+    """Start, find and stop a tracking server whose PID and URL live in ``<store_dir>/server.*``."""
+
+    def __init__(self, store_dir: str | Path = "mlruns", host: str = "127.0.0.1",
+                 port: int | None = None, workers: int = 2) -> None:
+        self.store = Path(store_dir).resolve()
+        self.host, self.port, self.workers = host, port, workers
+        self.pid_file, self.url_file = self.store / "server.pid", self.store / "server.url"
+        self.log_file = self.store / "server.log"
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def running_uri(self) -> str | None:
+        """The URL of a healthy server started earlier over this store, if any."""
+        if self.url_file.exists():
+            uri = self.url_file.read_text().strip()
+            if healthy(uri):
+                return uri
+        return None
+
+    def start(self, timeout: float = 180.0) -> str:
+        self.store.mkdir(parents=True, exist_ok=True)
+        (self.store / "artifacts").mkdir(exist_ok=True)
+        self.port = self.port or free_port(self.host)
+        cmd = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{self.store / 'mlflow.db'}",
+               "--default-artifact-root", str(self.store / "artifacts"),
+               "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
+        with self.log_file.open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(str(proc.pid))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise TrackingError(f"mlflow server exited with code {proc.returncode}; "
+                                    f"see {self.log_file}")
+            if healthy(self.uri):
+                self.url_file.write_text(self.uri)
+                return self.uri
+            time.sleep(0.5)
+        self.stop()
+        raise TrackingError(f"mlflow server did not answer within {timeout:.0f} s; see {self.log_file}")
+
+    def ensure(self) -> str:
+        """Reuse a running server over this store, else start one."""
+        return self.running_uri() or self.start()
+
+    def stop(self) -> bool:
+        if not self.pid_file.exists():
+            return False
+        pid = int(self.pid_file.read_text())
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            for _ in range(50):
+                os.killpg(pid, 0)
+                time.sleep(0.1)
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.pid_file.unlink(missing_ok=True)
+        self.url_file.unlink(missing_ok=True)
+        return True

@@ -1,0 +1,147 @@
+"""One training run = one MLflow run: ``python -m bnsweep.train experiment=seed001_bn``.
+
+Logs the flattened config as params, per-epoch metrics at step = epoch (1-based), the final
+metrics (test_acc, test_loss, best_val_acc, runtime_s, epochs_to_converge, converged), tags
+(git commit, data source, torch version, device) and artifacts (config.yaml, model_summary.txt).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bnsweep import tracking
+from bnsweep.config import instantiate, validate
+from bnsweep.data import InMemoryDataModule
+from bnsweep.errors import BnsweepError
+from bnsweep.models import param_counts, summary
+from bnsweep.module import ClassifierModule, TrainingDiverged
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("bnsweep")
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    diverged: bool = False
+
+
+def quiet_lightning() -> None:
+    """Lightning's banners (GPU available, TPU available...) mean nothing to a researcher here."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
+class EpochPrinter(pl.Callback):
+    """One line per epoch on stderr, for runs started by hand."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        r = module.history[-1]
+        print(f"epoch {r['epoch']}/{trainer.max_epochs}  train_loss {r['train_loss']:.4f}  "
+              f"train_acc {r['train_acc']:.4f}  val_loss {r['val_loss']:.4f}  "
+              f"val_acc {r['val_acc']:.4f}  {r['epoch_time_s']:.1f} s", file=sys.stderr, flush=True)
+
+
+def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
+    return instantiate(cfg.data)
+
+
+def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = None,
+                 callbacks: Sequence[pl.Callback] = (), tags: dict[str, str] | None = None,
+                 parent_run_id: str | None = None, track: bool = True) -> RunResult:
+    """Validate, build, fit, test and log one run. Reuse ``datamodule`` to skip loading data."""
+    validate(cfg)
+    quiet_lightning()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    uri = tracking.resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)
+    if track:
+        tracking.check_reachable(uri)
+    dm = datamodule or build_datamodule(cfg)
+    dm.setup("fit")
+
+    pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
+    model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
+    module = ClassifierModule(model, instantiate(cfg.optimizer),
+                              target_acc=cfg.train.target_acc, max_loss=cfg.train.max_loss)
+    all_callbacks = list(callbacks)
+    tracker = None
+    if track:
+        tracker = tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
+                                      parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir)
+        all_callbacks.append(tracking.EpochLogger(tracker))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
+    device = trainer.strategy.root_device
+    model.to(device)
+    counts = param_counts(model)
+    if tracker:
+        tracker.log(
+            params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
+            tags={"git_commit": tracking.git_commit(), "mlflow.source.git.commit": tracking.git_commit(),
+                  "data_source": dm.origin, "torch_version": torch.__version__,
+                  "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+                  **(tags or {})},
+            metrics=counts,
+        )
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_text(summary(model, dm.in_shape), "model_summary.txt")
+
+    diverged = False
+    start = time.perf_counter()
+    try:
+        try:
+            trainer.fit(module, datamodule=dm)
+        except TrainingDiverged as e:
+            diverged = True
+            log.warning("run diverged: %s", e)
+        runtime = time.perf_counter() - start
+        final = {**module.summary_metrics(int(cfg.trainer.max_epochs)), "runtime_s": runtime,
+                 "diverged": float(diverged), **counts}
+        if not diverged:
+            trainer.test(module, datamodule=dm, verbose=False)
+            final |= {"test_acc": module.test_acc, "test_loss": module.test_loss}
+        if tracker:
+            tracker.log(final, step=len(module.history), tags={"diverged": str(diverged).lower()})
+            tracker.finish("FINISHED")
+    except BaseException as e:
+        if tracker:
+            tracker.log(tags={"error": f"{type(e).__name__}: {e}"[:5000]})
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return RunResult(tracker.run_id if tracker else None, final, module.history, diverged)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run_training(cfg, callbacks=[EpochPrinter()])
+    except BnsweepError as e:
+        sys.exit(f"error: {e}")
+    m = result.metrics
+    test = f"test_acc {m['test_acc']:.4f}  " if "test_acc" in m else "diverged  "
+    print(f"{test}best_val_acc {m['best_val_acc']:.4f}  epochs_to_converge "
+          f"{m['epochs_to_converge']} (converged={m['converged']})  runtime {m['runtime_s']:.1f} s"
+          f"\nMLflow run {result.run_id} in {tracking.resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)}"
+          f" - see it with: make ui", file=sys.stderr)
+    return m["best_val_acc"]
+
+
+if __name__ == "__main__":
+    main()

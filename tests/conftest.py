@@ -1,0 +1,37 @@
+"""Shared fixtures: Hydra compose, real MNIST from the mirror, one real MLflow server per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from bnsweep.server import MlflowServer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their store explicitly
+
+
+def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name=config, overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    """Where the real datasets are decoded and cached (the project's data/ folder, git-ignored)."""
+    return os.environ.get("BNSWEEP_DATA_DIR", str(ROOT / "data"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` on a free loopback port, shared by the session and stopped after."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlruns"))
+    uri = server.start()
+    yield uri
+    server.stop()
