@@ -68,7 +68,8 @@ def test_cli_overrides_win_over_experiments() -> None:
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("model.bn.placement=middle", "model.bn.placement='middle' is not allowed; choose one of: none, before_act, after_act"),
+    ("model.bn.placement=middle",
+     "model.bn.placement='middle' is not allowed; choose one of: none, before_act, after_act"),
     ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed; it must be a number in (0, inf)"),
     ("data.name=svhn", "data.name='svhn' is not allowed; choose one of: mnist, fashion_mnist, cifar10"),
     ("model.activation=swish", "model.activation='swish' is not allowed; choose one of: sigmoid, tanh, relu"),

@@ -130,7 +130,8 @@ def test_all_sources_failing_is_one_error_listing_each(tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_and_source_are_config_errors(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="data.name='svhn' is not allowed; choose one of: mnist, fashion_mnist, cifar10"):
+    allowed = "data.name='svhn' is not allowed; choose one of: mnist, fashion_mnist, cifar10"
+    with pytest.raises(ConfigError, match=allowed):
         InMemoryDataModule("svhn")
     write_idx_dataset(tmp_path / "src" / "MNIST")
     with pytest.raises(ConfigError, match="data.sources='ftp'"):

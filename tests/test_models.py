@@ -122,7 +122,8 @@ def test_bn_keys_reach_the_layers() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "key"), [
-    ({"bn": {"placement": "middle"}}, "model.bn.placement='middle' is not allowed; choose one of: none, before_act, after_act"),
+    ({"bn": {"placement": "middle"}},
+     "model.bn.placement='middle' is not allowed; choose one of: none, before_act, after_act"),
     ({"activation": "swish"}, "model.activation='swish'"),
     ({"init": "xavier"}, "model.init='xavier'"),
     ({"bn": {"momentum": 1.5}}, "model.bn.momentum=1.5"),

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_cfg
@@ -43,7 +44,7 @@ def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, d
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "model_summary.txt"} <= artifacts
     summary = client.download_artifacts(result.run_id, "model_summary.txt")
-    assert "non-trainable: 2,368" in open(summary).read()
+    assert "non-trainable: 2,368" in Path(summary).read_text()
 
 
 def test_same_config_and_seed_give_the_same_numbers(data_root: str) -> None:
