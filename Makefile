@@ -4,12 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-bnsweep
 ARGS ?=
-HOST ?= 127.0.0.1
-PORT ?= 5000
+SWEEP ?= default
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup train test bench ui lint clean
+.PHONY: setup sweep train test bench ui down lint clean
 
 setup: $(STAMP)
 
@@ -21,6 +20,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	@touch $(STAMP)
 
+sweep: $(STAMP)  ## a study: make sweep SWEEP=placement_x_activation ARGS="workers=2"
+	$(PY) -m bnsweep.sweep sweep=$(SWEEP) $(ARGS)
+
 train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 	$(PY) -m bnsweep.train $(ARGS)
 
@@ -31,10 +33,11 @@ test: $(STAMP)  ## the whole suite, CPU only; starts (and stops) its own MLflow 
 bench: $(STAMP)  ## side-by-side speed ratios; numbers go into the issue notes
 	$(PY) -m bnsweep.bench $(ARGS)
 
-ui: $(STAMP)  ## the MLflow dashboard over mlruns/ at http://$(HOST):$(PORT) (Ctrl-C stops it)
-	@mkdir -p mlruns/artifacts
-	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \
-	  --default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
+ui: $(STAMP)  ## the MLflow dashboard over mlruns/ (starts the local server, or finds it running)
+	$(PY) -m bnsweep.server start $(ARGS)
+
+down: $(STAMP)  ## stop the local MLflow server
+	$(PY) -m bnsweep.server stop
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 
@@ -16,3 +17,15 @@ def epochs_to_converge(val_acc: Sequence[float], target: float, budget: int) -> 
         if acc >= target:
             return epoch, 1
     return budget + 1, 0
+
+
+def lr_basin_decades(lrs: Sequence[float], accs: Sequence[float], target: float) -> float:
+    """Width, in decades, of the learning-rate range whose runs reached ``target`` accuracy.
+
+    log10(largest / smallest) LR among the trials with acc >= target: 0.0 when only one did,
+    NaN when none did. Seed 004 claims BN widens this range.
+    """
+    ok = [lr for lr, acc in zip(lrs, accs, strict=True) if acc >= target and lr > 0]
+    if not ok:
+        return math.nan
+    return math.log10(max(ok) / min(ok))

@@ -24,6 +24,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def preferred_port(port: int = 5000, host: str = "127.0.0.1") -> int:
+    """``port`` if nothing listens there, else any free port."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return port
+        except OSError:
+            return free_port(host)
+
+
 def healthy(uri: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=timeout) as r:
@@ -97,3 +107,32 @@ class MlflowServer:
         self.pid_file.unlink(missing_ok=True)
         self.url_file.unlink(missing_ok=True)
         return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The local MLflow server over mlruns/ (the dashboard).")
+    ap.add_argument("action", choices=["start", "stop", "status"])
+    ap.add_argument("--store-dir", default="mlruns", help="sqlite store and artifacts (default: mlruns)")
+    ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    ap.add_argument("--port", type=int, default=None, help="default: 5000, or a free port if taken")
+    args = ap.parse_args(argv)
+    server = MlflowServer(args.store_dir, host=args.host, port=args.port)
+    if args.action == "stop":
+        print("MLflow server stopped" if server.stop() else "no MLflow server was running over "
+              f"{server.store}")
+        return
+    uri = server.running_uri()
+    if args.action == "status":
+        print(f"MLflow server running at {uri}" if uri else "no MLflow server running")
+        return
+    if uri is None:
+        server.port = args.port or preferred_port(5000, args.host)
+        print(f"starting the MLflow server over {server.store} (takes ~20 s) ...", flush=True)
+        uri = server.start()
+    print(f"MLflow dashboard: {uri}   (stop it with: make down)")
+
+
+if __name__ == "__main__":
+    main()

@@ -98,6 +98,13 @@ class RunTracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
 
+    @classmethod
+    def for_run(cls, client: MlflowClient, run_id: str) -> RunTracker:
+        """Log to an existing run (e.g. a sweep cell's parent run)."""
+        tracker = cls.__new__(cls)
+        tracker.client, tracker.run_id = client, run_id
+        return tracker
+
     def log(self, metrics: Mapping[str, float] | None = None, step: int = 0,
             params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
         now = int(time.time() * 1000)

@@ -19,6 +19,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from optuna import TrialPruned
 
 from bnsweep import tracking
 from bnsweep.config import instantiate, validate
@@ -36,7 +37,11 @@ class RunResult:
     run_id: str | None
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
-    diverged: bool = False
+    outcome: str = "completed"  # completed | pruned (by Optuna) | diverged
+
+    @property
+    def diverged(self) -> bool:
+        return self.outcome == "diverged"
 
 
 def quiet_lightning() -> None:
@@ -101,29 +106,34 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         tracker.log_text(summary(model, dm.in_shape), "model_summary.txt")
 
-    diverged = False
+    outcome = "completed"
     start = time.perf_counter()
     try:
         try:
             trainer.fit(module, datamodule=dm)
         except TrainingDiverged as e:
-            diverged = True
+            outcome = "diverged"
             log.warning("run diverged: %s", e)
+        except TrialPruned:
+            outcome = "pruned"
         runtime = time.perf_counter() - start
         final = {**module.summary_metrics(int(cfg.trainer.max_epochs)), "runtime_s": runtime,
-                 "diverged": float(diverged), **counts}
-        if not diverged:
+                 "diverged": float(outcome == "diverged"), **counts}
+        if module.history:
+            final["s_per_epoch"] = sum(r["epoch_time_s"] for r in module.history) / len(module.history)
+        if outcome == "completed":
             trainer.test(module, datamodule=dm, verbose=False)
             final |= {"test_acc": module.test_acc, "test_loss": module.test_loss}
         if tracker:
-            tracker.log(final, step=len(module.history), tags={"diverged": str(diverged).lower()})
+            tracker.log(final, step=len(module.history),
+                        tags={"diverged": str(outcome == "diverged").lower(), "outcome": outcome})
             tracker.finish("FINISHED")
     except BaseException as e:
         if tracker:
             tracker.log(tags={"error": f"{type(e).__name__}: {e}"[:5000]})
             tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    return RunResult(tracker.run_id if tracker else None, final, module.history, diverged)
+    return RunResult(tracker.run_id if tracker else None, final, module.history, outcome)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

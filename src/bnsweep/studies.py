@@ -1,0 +1,144 @@
+"""Optuna state of a sweep: one study per cell, trial slots, claiming, and recovery of lost trials.
+
+Exact counts with any number of workers: each cell has ``n_trials`` *slots*. The driver enqueues
+one WAITING trial per empty slot; workers only ever claim WAITING trials (an atomic storage
+transition), never create them. A trial whose worker died is marked FAIL with a ``lost`` attribute
+and its slot is enqueued again with the same parameters, so it is retried, not lost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import optuna
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import FrozenTrial, TrialState
+
+from bnsweep.errors import ConfigError
+from bnsweep.sweepdef import SweepSpec
+
+HOST = socket.gethostname()
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def default_storage(store_dir: str | Path, sweep: str) -> str:
+    return str(Path(store_dir).resolve() / "optuna" / f"{sweep.replace('/', '_')}.journal")
+
+
+def open_storage(url: str) -> BaseStorage:
+    """A JournalStorage file (one machine, several processes) or an RDB URL (several machines)."""
+    if "://" in url and not url.startswith("journal://"):
+        if url.startswith("sqlite"):
+            raise ConfigError(f"storage={url!r} is not allowed: SQLite breaks with several worker processes; "
+                              "use a journal file path (the default) or postgresql://...")
+        return optuna.storages.RDBStorage(url)
+    path = Path(url.removeprefix("journal://"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+
+
+def sweep_studies(storage: BaseStorage, sweep: str) -> list[optuna.Study]:
+    names = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith(f"{sweep}/"))
+    return [optuna.load_study(study_name=n, storage=storage) for n in names]
+
+
+def live(t: FrozenTrial) -> bool:
+    """A trial that holds its slot: anything but a FAIL of a worker that died."""
+    return not (t.state == TrialState.FAIL and t.user_attrs.get("lost"))
+
+
+def top_up(study: optuna.Study, spec: SweepSpec) -> int:
+    """Enqueue a WAITING trial for every slot that no live trial holds; return how many."""
+    trials = study.get_trials(deepcopy=False)
+    held = {t.user_attrs.get("slot") for t in trials if live(t)}
+    retry = {t.user_attrs["slot"]: t for t in trials if not live(t) and "slot" in t.user_attrs}
+    fixed = spec.fixed_params()
+    added = 0
+    for slot in range(spec.n_trials):
+        if slot in held:
+            continue
+        attrs: dict[str, Any] = {"slot": slot}
+        params = fixed[slot]
+        if slot in retry:  # same parameters as the lost attempt: a retry, not a new sample
+            params = retry[slot].params or params
+            attrs["retry_of"] = retry[slot].number
+        study.enqueue_trial(params, user_attrs=attrs)
+        added += 1
+    return added
+
+
+def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
+    """Take one WAITING trial of ``study`` (atomic: two workers never get the same one)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                trial = optuna.Trial(study, t._trial_id)
+                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
+                trial.set_user_attr("heartbeat", time.time())
+                return trial
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_lost(t: FrozenTrial, stale_after_s: float, now: float | None = None) -> bool:
+    """A RUNNING trial whose worker is gone: a dead PID on this host, or no heartbeat for a while."""
+    if t.state != TrialState.RUNNING:
+        return False
+    worker = t.user_attrs.get("worker") or {}
+    if worker.get("host") == HOST and not _pid_alive(int(worker.get("pid", -1))):
+        return True
+    beat = t.user_attrs.get("heartbeat") or (t.datetime_start.timestamp() if t.datetime_start else 0)
+    return (now or time.time()) - beat > stale_after_s
+
+
+def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> list[FrozenTrial]:
+    """Mark lost trials FAIL (attr ``lost``) so that ``top_up`` enqueues their slots again."""
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_lost(t, stale_after_s):
+            continue
+        try:
+            storage.set_trial_user_attr(t._trial_id, "lost", "its worker stopped mid-trial")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            lost.append(t)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished after all
+    return lost
+
+
+def counts(study: optuna.Study) -> Counter:
+    c: Counter = Counter()
+    for t in study.get_trials(deepcopy=False):
+        key = "lost" if not live(t) else t.state.name.lower()
+        if t.user_attrs.get("diverged"):
+            key = "diverged"
+        c[key] += 1
+    return c
+
+
+class Heartbeat(pl.Callback):
+    """Marks the trial alive once per epoch, so other machines can tell a slow trial from a dead one."""
+
+    def __init__(self, storage: BaseStorage, trial: optuna.Trial) -> None:
+        self.storage, self.trial_id = storage, trial._trial_id
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())

@@ -1,0 +1,277 @@
+"""The sweep driver: ``python -m bnsweep.sweep sweep=default`` (or ``make sweep SWEEP=default``).
+
+Expands the grid into cells (one Optuna study ``<sweep>/<cell>`` each, in one storage), makes sure
+an MLflow server is there (a parent run per cell), enqueues the missing trials, starts W local
+worker processes, shows one progress bar, and ends with the summary table. Running it again
+resumes: lost trials are retried, finished ones are never repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import optuna
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from bnsweep import summary, tracking
+from bnsweep.config import instantiate
+from bnsweep.errors import BnsweepError, ConfigError
+from bnsweep.server import MlflowServer, preferred_port
+from bnsweep.studies import counts, default_storage, open_storage, recover_lost, sweep_studies, top_up
+from bnsweep.sweepdef import SweepSpec, compose_train, parse
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+log = logging.getLogger("bnsweep.sweep")
+
+
+@dataclass
+class Sweep:
+    """Everything the driver holds about one sweep."""
+
+    spec: SweepSpec
+    storage_url: str
+    uri: str
+    store_dir: Path
+    stale_after_s: float
+
+    def __post_init__(self) -> None:
+        self.storage = open_storage(self.storage_url)
+        self.client = MlflowClient(self.uri)
+        self.experiment = f"sweep-{self.spec.name}"
+        self.experiment_id = tracking.get_or_create_experiment(
+            self.client, self.experiment, tracking.artifact_root(self.uri, self.store_dir))
+
+    @property
+    def studies(self) -> list[optuna.Study]:
+        return sweep_studies(self.storage, self.spec.name)
+
+    @property
+    def log_dir(self) -> Path:
+        path = self.store_dir / "sweeps" / self.spec.name.replace("/", "_")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        """Create or check each cell's study and parent run; enqueue every missing trial."""
+        for i, cell in enumerate(self.spec.cells()):
+            study = optuna.create_study(storage=self.storage, study_name=self.spec.study_name(cell),
+                                        direction="maximize", load_if_exists=True)
+            old = study.user_attrs.get("overrides")
+            if old is not None and old != cell.overrides:
+                raise ConfigError(
+                    f"sweep {self.spec.name!r} changed since its studies were created (cell {cell.name}: "
+                    f"{old} -> {cell.overrides}); give it a new name (sweep.name=...) or delete "
+                    f"{self.storage_url}")
+            parent = study.user_attrs.get("mlflow_parent_run_id")
+            if parent is None:
+                run = self.client.create_run(self.experiment_id, run_name=cell.name, tags={
+                    "bnsweep.sweep": self.spec.name, "bnsweep.cell": cell.name, "bnsweep.role": "cell",
+                    "optuna.study": study.study_name})
+                parent = run.info.run_id
+                tracking.RunTracker.for_run(self.client, parent).log(
+                    params={**{k: v for k, v in cell.values.items()}, "overrides": " ".join(cell.overrides)})
+            else:
+                self.client.update_run(parent, status="RUNNING")
+            attrs = {**self.spec.to_attrs(), "cell": cell.name, "grid": cell.values, "order": i,
+                     "overrides": cell.overrides, "mlflow_parent_run_id": parent,
+                     "mlflow_experiment": self.experiment}
+            for k, v in attrs.items():
+                if study.user_attrs.get(k) != v:
+                    study.set_user_attr(k, v)
+        self.recover()
+
+    def recover(self) -> int:
+        """Retry trials whose worker died; mark their MLflow runs KILLED. Returns trials enqueued."""
+        added = 0
+        for study in self.studies:
+            for t in recover_lost(self.storage, study, self.stale_after_s):
+                for run in self.client.search_runs(
+                        [self.experiment_id], f"tags.`optuna.trial_id` = '{t._trial_id}' and "
+                        f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"):
+                    self.client.set_terminated(run.info.run_id, "KILLED")
+            added += top_up(study, self.spec)
+        return added
+
+    def prepare_data(self) -> None:
+        """Decode each dataset once here, so parallel workers only read the cache."""
+        seen = set()
+        for cell in self.spec.cells():
+            data = compose_train(cell.overrides).data
+            key = OmegaConf.to_yaml(data, resolve=True)
+            if key not in seen:
+                seen.add(key)
+                instantiate(data).prepare_data()
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_command(self, seed_offset: int) -> list[str]:
+        return [sys.executable, "-m", "bnsweep.worker", "--storage", self.storage_url,
+                "--sweep", self.spec.name, "--tracking-uri", self.uri, "--threads", "1",
+                "--seed-offset", str(seed_offset)]
+
+    def spawn(self, k: int) -> subprocess.Popen:
+        env = {**os.environ, "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true", "OMP_NUM_THREADS": "1"}
+        with (self.log_dir / f"worker-{k}.log").open("ab") as out:
+            return subprocess.Popen(self.worker_command(k), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env)
+
+    def totals(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for study in self.studies:
+            for k, v in counts(study).items():
+                c[k] = c.get(k, 0) + v
+        return c
+
+    def run_workers(self, n_workers: int) -> float:
+        """Run local workers to the end with one progress bar; return the wall time."""
+        total = self.spec.n_trials * len(self.spec.cells())
+        start = time.perf_counter()
+        procs = [self.spawn(k) for k in range(n_workers)]
+        respawns = n_workers
+        bar = tqdm(total=total, desc=f"sweep {self.spec.name}", unit="trial", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+        announced: set[str] = set()
+        last_check = time.monotonic()
+        try:
+            while True:
+                alive = [p for p in procs if p.poll() is None]
+                c = self.totals()
+                finished = c.get("complete", 0) + c.get("pruned", 0) + c.get("diverged", 0) + c.get("fail", 0)
+                bar.n = min(finished, total)
+                bar.set_postfix_str(f"running {c.get('running', 0)}, pruned {c.get('pruned', 0)}, "
+                                    f"diverged {c.get('diverged', 0)}, failed {c.get('fail', 0)}"
+                                    f"{', retried ' + str(c['lost']) if c.get('lost') else ''}", refresh=False)
+                bar.refresh()
+                self.announce_cells(bar, announced)
+                if time.monotonic() - last_check > 5 or not alive:
+                    last_check = time.monotonic()
+                    if self.recover() and not alive and respawns < 2 * n_workers:
+                        procs.append(self.spawn(respawns))  # a retried trial and nobody left to run it
+                        respawns += 1
+                        continue
+                if not alive:
+                    break
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            bar.close()
+            raise
+        bar.close()
+        failed = [p for p in procs if p.returncode]
+        if failed:
+            log.warning("%d worker(s) stopped with an error; see %s", len(failed), self.log_dir)
+        return time.perf_counter() - start
+
+    def announce_cells(self, bar: tqdm, announced: set[str]) -> None:
+        for study in self.studies:
+            cell = study.user_attrs["cell"]
+            c = counts(study)
+            if cell in announced or c.get("waiting") or c.get("running"):
+                continue
+            announced.add(cell)
+            row = summary.cell_row(study, self.spec.target_acc)
+            best = (f"best val_acc {row['best_val_acc']:.4f} at lr {row['best_lr']:.3g}"
+                    if not math.isnan(row["best_val_acc"]) else "no completed trial")
+            bar.write(f"  done: {cell:<40} {best}")
+
+    # ------------------------------------------------------------------ results
+
+    def finish(self) -> list[dict]:
+        """Summaries on each cell's parent run, the table as CSV/Markdown artifacts and files."""
+        rows = []
+        for study in sorted(self.studies, key=lambda s: s.user_attrs.get("order", 0)):
+            row = summary.cell_row(study, self.spec.target_acc)
+            rows.append(row)
+            parent = study.user_attrs["mlflow_parent_run_id"]
+            # NaN is logged too: "no trial got there" (e.g. no LR basin) is an answer, not a gap.
+            metrics = {k: v for k, v in row.items() if k != "cell" and isinstance(v, (int, float))}
+            tracking.RunTracker.for_run(self.client, parent).log(metrics)
+            self.client.set_terminated(parent, "FINISHED" if row["running"] == 0 else "KILLED")
+        md, csv = summary.to_markdown(rows, self.spec.target_acc), summary.to_csv(rows)
+        out = Path("reports") / self.spec.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(md)
+        (out / "summary.csv").write_text(csv)
+        runs = self.client.search_runs([self.experiment_id], "tags.`bnsweep.role` = 'summary'")
+        run_id = runs[0].info.run_id if runs else self.client.create_run(
+            self.experiment_id, run_name=f"{self.spec.name} summary",
+            tags={"bnsweep.sweep": self.spec.name, "bnsweep.role": "summary"}).info.run_id
+        self.client.log_text(run_id, md, "summary.md")
+        self.client.log_text(run_id, csv, "summary.csv")
+        self.client.set_terminated(run_id, "FINISHED")
+        return rows
+
+    def fit_time(self) -> tuple[float, int]:
+        """Summed fit wall time and number of trials that ran (for the overhead figure)."""
+        total, n = 0.0, 0
+        for study in self.studies:
+            for t in study.get_trials(deepcopy=False):
+                m = t.user_attrs.get("metrics")
+                if m and "runtime_s" in m:
+                    total, n = total + m["runtime_s"], n + 1
+        return total, n
+
+
+def resolve_tracking(cfg: DictConfig) -> str:
+    """MLFLOW_TRACKING_URI / tracking.uri, else a local server over store_dir (started if needed)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
+    if not uri:
+        uri = MlflowServer(cfg.tracking.store_dir, port=cfg.tracking.port or preferred_port()).ensure()
+    tracking.check_reachable(uri)
+    return uri
+
+
+def open_sweep(cfg: DictConfig) -> Sweep:
+    spec = parse(cfg.sweep, list(cfg.overrides or []))
+    workers = cfg.workers or len(os.sched_getaffinity(0))
+    if workers < 1:
+        raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
+    store = Path(cfg.tracking.store_dir).resolve()
+    url = cfg.storage or default_storage(store, spec.name)
+    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.stale_after_s))
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    sweep = open_sweep(cfg)
+    sweep.prepare()
+    if cfg.action == "run":
+        sweep.prepare_data()
+        n_workers = cfg.workers or len(os.sched_getaffinity(0))
+        wall = sweep.run_workers(n_workers)
+        fit, n = sweep.fit_time()
+        if n:
+            print(f"{n} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
+                  f"{(wall - fit / n_workers) / max(n / n_workers, 1):.2f} s per trial", file=sys.stderr)
+    rows = sweep.finish()
+    print("\n" + summary.to_markdown(rows, sweep.spec.target_acc))
+    left = sum(r["running"] for r in rows)
+    print(f"Table: reports/{sweep.spec.name}/summary.{{md,csv}}; dashboard: {sweep.uri}/#/experiments/"
+          f"{sweep.experiment_id}" + (f"\n{left} trials left: run the same command again to resume." if left else ""))
+    return rows
+
+
+@hydra.main(config_path=CONF_DIR, config_name="run_sweep", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    try:
+        run(cfg)
+    except BnsweepError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

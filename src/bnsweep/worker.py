@@ -1,0 +1,139 @@
+"""A sweep worker: ``python -m bnsweep.worker --storage URL --sweep NAME --tracking-uri URI``.
+
+An independent process attached to the Optuna storage: it loads each dataset once, then claims
+WAITING trials (fewest-finished cell first) and runs them in-process, one after another, until
+none is left. The same command runs on this machine or as a cluster job; everything about the
+sweep is read from the storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from bnsweep.config import instantiate
+from bnsweep.data import InMemoryDataModule
+from bnsweep.studies import Heartbeat, claim, counts, open_storage, sweep_studies
+from bnsweep.sweepdef import SweepSpec, compose_train
+from bnsweep.train import quiet_lightning, run_training
+
+log = logging.getLogger("bnsweep.worker")
+
+
+class Worker:
+    def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
+                 seed_offset: int = 0) -> None:
+        self.storage = open_storage(storage_url)
+        self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
+        self.seed_offset = seed_offset
+        self.studies = {s.study_name: s for s in sweep_studies(self.storage, sweep)}
+        self.configs: dict[str, DictConfig] = {}
+        self.data: dict[str, InMemoryDataModule] = {}
+        self.done = 0
+
+    def study(self, name: str) -> optuna.Study:
+        """Reload with this worker's sampler and pruner (they live in the process, not the storage)."""
+        attrs = self.studies[name].user_attrs
+        spec = SweepSpec.from_attrs(attrs)
+        return optuna.load_study(study_name=name, storage=self.storage,
+                                 sampler=spec.make_sampler(self.seed_offset), pruner=spec.make_pruner())
+
+    def config(self, study: optuna.Study) -> DictConfig:
+        if study.study_name not in self.configs:
+            a = study.user_attrs
+            self.configs[study.study_name] = compose_train([
+                *a["overrides"], f"threads={self.threads}", f"tracking.uri={self.tracking_uri}",
+                f"tracking.experiment={a['mlflow_experiment']}"])
+        return self.configs[study.study_name]
+
+    def datamodule(self, cfg: DictConfig) -> InMemoryDataModule:
+        key = OmegaConf.to_yaml(cfg.data, resolve=True)
+        if key not in self.data:
+            self.data[key] = instantiate(cfg.data)
+            self.data[key].setup("fit")
+        return self.data[key]
+
+    def next_trial(self) -> tuple[optuna.Study, optuna.Trial] | None:
+        order = sorted(self.studies, key=lambda n: sum(counts(self.studies[n]).values()) - len(
+            self.studies[n].get_trials(deepcopy=False, states=(TrialState.WAITING,))))
+        for name in order:
+            study = self.study(name)
+            trial = claim(self.storage, study)
+            if trial is not None:
+                return study, trial
+        return None
+
+    def run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
+        spec = SweepSpec.from_attrs(study.user_attrs)
+        cfg = self.config(study).copy()
+        for p in spec.params:
+            OmegaConf.update(cfg, p.key, p.suggest(trial), merge=False)
+        OmegaConf.update(cfg, "tracking.run_name", f"trial {trial.number}", merge=False)
+        tags = {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
+                "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": self.sweep,
+                "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial"}
+        try:
+            result = run_training(
+                cfg, datamodule=self.datamodule(cfg), tags=tags,
+                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"),
+                callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_acc"),
+                           Heartbeat(self.storage, trial)])
+        except Exception as e:  # one trial's crash is recorded; the sweep goes on
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
+        trial.set_user_attr("mlflow_run_id", result.run_id)
+        trial.set_user_attr("outcome", result.outcome)
+        if result.outcome == "completed":
+            study.tell(trial, result.metrics["best_val_acc"])
+        else:  # pruned, or diverged: a bad region the sampler should learn to avoid
+            trial.set_user_attr("diverged", result.outcome == "diverged")
+            study.tell(trial, state=TrialState.PRUNED)
+
+    def run(self, max_trials: int | None = None) -> int:
+        while max_trials is None or self.done < max_trials:
+            nxt = self.next_trial()
+            if nxt is None:
+                break
+            study, trial = nxt
+            try:
+                self.run_trial(study, trial)
+            except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slot back
+                self.storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                raise
+            self.done += 1
+        return self.done
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--storage", required=True, help="Optuna storage: journal file path or postgresql://...")
+    ap.add_argument("--sweep", required=True, help="sweep name (studies '<sweep>/<cell>')")
+    ap.add_argument("--tracking-uri", required=True, help="MLflow tracking server URL")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this worker")
+    ap.add_argument("--seed-offset", type=int, default=0, help="added to the sampler seed (one per worker)")
+    ap.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"[worker {os.getpid()}] %(message)s", stream=sys.stderr)
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    quiet_lightning()
+    torch.set_num_threads(args.threads)
+    worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset)
+    n = worker.run(args.max_trials)
+    log.info("no trial left to claim; ran %d", n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Sweeps for real: subprocess workers, a journal storage, a real MLflow server, MNIST from the mirror."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import ROOT, make_cfg
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from bnsweep.errors import ConfigError
+from bnsweep.metrics import lr_basin_decades
+from bnsweep.studies import default_storage, open_storage, sweep_studies
+from bnsweep.sweepdef import parse
+
+SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
+
+
+def sweep_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bnsweep.sweep", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
+
+
+def studies_of(store: Path, name: str) -> list[optuna.Study]:
+    return sweep_studies(open_storage(default_storage(store, name)), name)
+
+
+def runs_by_role(uri: str, name: str) -> dict[str, list]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"sweep-{name}")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    out: dict[str, list] = {}
+    for r in runs:
+        out.setdefault(r.data.tags.get("bnsweep.role", "?"), []).append(r)
+    return out
+
+
+# ---------------------------------------------------------------------- definitions
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_shipped_sweep_is_valid(name: str) -> None:
+    spec = parse(make_cfg(f"sweep={name}", config="run_sweep").sweep)
+    assert spec.name == name and spec.cells()
+
+
+def test_default_sweep_is_what_make_sweep_promises() -> None:
+    spec = parse(make_cfg(config="run_sweep").sweep)
+    assert spec.grid == {"model.bn.placement": ["none", "before_act", "after_act"],
+                         "model.activation": ["sigmoid", "relu"]}
+    assert spec.n_trials >= 8 and [p.key for p in spec.params] == ["optimizer.lr"]
+    assert spec.params[0].dist.log
+
+
+def test_placement_x_activation_has_input_only_cells() -> None:
+    spec = parse(make_cfg("sweep=placement_x_activation", config="run_sweep").sweep)
+    names = [c.name for c in spec.cells()]
+    assert len(names) == 20 and "bn=input_only,activation=tanh" in names
+    cell = next(c for c in spec.cells() if c.name == "bn=input_only,activation=tanh")
+    assert "model.bn.input=true" in cell.overrides and "model.bn.placement=none" in cell.overrides
+
+
+def raw(**changes) -> dict:
+    base = {"name": "t", "base": ["data.limit_train=100"], "grid": {"model.bn.placement": ["none"]},
+            "search": {"optimizer.lr": {"low": 1e-3, "high": 1.0, "log": True}}, "n_trials": 2}
+    return {**base, **changes}
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"grid": {"model.bn.placment": ["none"]}}, "sweep.grid: unknown key 'model.bn.placment' (did you mean "
+                                                 "model.bn.placement?)"),
+    ({"grid": {"model.activation": []}}, "sweep.grid.model.activation=[] is not allowed; give a non-empty list"),
+    ({"grid": {"model.activation": ["swish"]}}, "sweep cell activation=swish: model.activation='swish' is not "
+                                                 "allowed; choose one of: sigmoid"),
+    ({"search": {"optimizer.lr": {"low": 1.0, "high": 0.1}}}, "sweep.search.optimizer.lr: low=1.0 must be below "
+                                                             "high=0.1"),
+    ({"search": {"optimizer.lr": {"low": 0, "high": 1, "log": True}}}, "low=0 is not allowed with log=true"),
+    ({"search": {"optimizer.lr": {"lo": 0.1, "high": 1}}}, "sweep.search.optimizer.lr has unknown field(s) ['lo']"),
+    ({"search": {"optimizer.lr": "loguniform"}}, "sweep.search.optimizer.lr='loguniform' is not allowed"),
+    ({"search": {"optimizer": {"choices": ["sgd"]}}}, "sweep.search.optimizer: optimizer is a config group"),
+    ({"sampler": {"name": "cmaes"}}, "sweep.sampler.name='cmaes' is not allowed; choose one of: tpe, random, grid"),
+    ({"pruner": {"name": "asha"}}, "sweep.pruner.name='asha' is not allowed"),
+    ({"n_trials": 0}, "sweep.n_trials=0 is not allowed"),
+    ({"grids": {}}, "sweep has unknown key(s) ['grids']"),
+])
+def test_bad_sweep_definition_is_one_clear_error(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse(raw(**changes))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_grid_sampler_spreads_the_lr_on_a_log_grid() -> None:
+    spec = parse(raw(sampler={"name": "grid"}, n_trials=5,
+                     search={"optimizer.lr": {"low": 1e-3, "high": 10.0, "log": True}}))
+    lrs = [p["optimizer.lr"] for p in spec.fixed_params()]
+    assert [round(math.log10(x), 6) for x in lrs] == [-3, -2, -1, 0, 1]
+
+
+def test_lr_basin_in_decades() -> None:
+    assert lr_basin_decades([1e-3, 1e-2, 1e-1, 1.0], [0.5, 0.96, 0.97, 0.2], 0.95) == pytest.approx(1.0)
+    assert lr_basin_decades([1e-2], [0.99], 0.95) == 0.0
+    assert math.isnan(lr_basin_decades([1e-2, 1.0], [0.5, 0.6], 0.95))
+
+
+# ---------------------------------------------------------------------- exact claiming
+
+
+def _claim_all(url: str, name: str, queue) -> None:
+    from bnsweep.studies import claim, open_storage
+
+    storage = open_storage(url)
+    study = optuna.load_study(study_name=name, storage=storage)
+    got = []
+    while (trial := claim(storage, study)) is not None:
+        got.append(trial.number)
+    queue.put(got)
+
+
+def test_parallel_workers_claim_each_enqueued_trial_exactly_once(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    url = str(tmp_path / "j.journal")
+    study = optuna.create_study(storage=open_storage(url), study_name="s/c")
+    for _ in range(24):
+        study.enqueue_trial({})
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, "s/c", queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    claimed = [n for _ in procs for n in queue.get(timeout=120)]
+    for p in procs:
+        p.join(30)
+    assert sorted(claimed) == list(range(24))
+    assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == 24
+
+
+# ---------------------------------------------------------------------- real sweeps
+
+
+def test_tiny_sweep_two_workers_exact_counts(mlflow_server: str, tmp_path: Path) -> None:
+    out = sweep_cli("sweep=tiny", "sweep.name=t_counts", "workers=2", f"tracking.uri={mlflow_server}",
+                    f"tracking.store_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    studies = studies_of(tmp_path, "t_counts")
+    assert sorted(s.study_name for s in studies) == ["t_counts/placement=before_act", "t_counts/placement=none"]
+    for s in studies:
+        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 3
+        assert sorted(t.user_attrs["slot"] for t in s.trials) == [0, 1, 2]
+    runs = runs_by_role(mlflow_server, "t_counts")
+    assert len(runs["cell"]) == 2 and len(runs["summary"]) == 1 and len(runs["trial"]) == 6
+    parents = {r.info.run_id for r in runs["cell"]}
+    client = MlflowClient(mlflow_server)
+    for r in runs["trial"]:
+        assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] in parents
+        assert {"test_acc", "best_val_acc", "epochs_to_converge", "runtime_s"} <= set(r.data.metrics)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
+        assert r.data.tags["optuna.study"].startswith("t_counts/")
+    trial_ids = {(r.data.tags["optuna.study"], int(r.data.tags["optuna.trial"])) for r in runs["trial"]}
+    assert len(trial_ids) == 6
+    for r in runs["cell"]:
+        assert {"best_lr", "best_val_acc", "lr_basin_decades", "s_per_epoch"} <= set(r.data.metrics)
+    arts = {a.path for a in client.list_artifacts(runs["summary"][0].info.run_id)}
+    assert {"summary.csv", "summary.md"} <= arts
+    assert "| placement=none |" in out.stdout and "dashboard: http://127.0.0.1" in out.stdout
+
+    again = sweep_cli("sweep=tiny", "sweep.name=t_counts", "workers=2", f"tracking.uri={mlflow_server}",
+                      f"tracking.store_dir={tmp_path}")
+    assert again.returncode == 0
+    assert [len(s.trials) for s in studies_of(tmp_path, "t_counts")] == [3, 3]  # nothing repeated
+    assert len(runs_by_role(mlflow_server, "t_counts")["trial"]) == 6
+
+
+def test_sigkilled_worker_is_retried_and_resume_completes(mlflow_server: str, tmp_path: Path) -> None:
+    args = ["sweep=tiny", "sweep.name=t_kill", "workers=2", "sweep.epochs=3", "sweep.n_trials=3",
+            'overrides=["data.limit_train=20000"]', f"tracking.uri={mlflow_server}", f"tracking.store_dir={tmp_path}"]
+    driver = subprocess.Popen([sys.executable, "-m", "bnsweep.sweep", *args], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+        if not Path(default_storage(tmp_path, "t_kill")).exists():
+            continue
+        for s in studies_of(tmp_path, "t_kill"):
+            for t in s.get_trials(states=(TrialState.RUNNING,)):
+                if "worker" in t.user_attrs and "optimizer.lr" in t.params:
+                    victim = (s.study_name, t.number, t.params["optimizer.lr"], t.user_attrs["worker"]["pid"])
+    assert victim is not None, "no trial was seen running"
+    os.kill(victim[3], signal.SIGKILL)
+    driver.communicate(timeout=600)
+
+    out = sweep_cli(*args)  # run again: resumes, completes
+    assert out.returncode == 0, out.stderr[-3000:]
+    studies = {s.study_name: s for s in studies_of(tmp_path, "t_kill")}
+    for s in studies.values():
+        live = [t for t in s.trials if not t.user_attrs.get("lost")]
+        assert [t.state for t in live] == [TrialState.COMPLETE] * 3
+        assert sorted(t.user_attrs["slot"] for t in live) == [0, 1, 2]  # no duplicate
+    killed = studies[victim[0]].trials[victim[1]]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["lost"]
+    retry = [t for t in studies[victim[0]].trials if t.user_attrs.get("retry_of") == victim[1]]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params["optimizer.lr"] == victim[2]  # retried with the same learning rate
+    runs = runs_by_role(mlflow_server, "t_kill")["trial"]
+    assert sum(r.info.status == "FINISHED" for r in runs) == 6
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+
+
+def test_diverging_learning_rates_are_recorded_not_a_crash(mlflow_server: str, tmp_path: Path) -> None:
+    out = sweep_cli("sweep=tiny", "sweep.name=t_diverge", "workers=1", "sweep.n_trials=2",
+                    "sweep.grid={model.bn.placement:[none]}",
+                    "sweep.search={optimizer.lr:{low:1000,high:10000,log:true}}", f"tracking.uri={mlflow_server}",
+                    f"tracking.store_dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (study,) = studies_of(tmp_path, "t_diverge")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
+    assert all(t.user_attrs["diverged"] for t in study.trials)
+    runs = runs_by_role(mlflow_server, "t_diverge")["trial"]
+    assert len(runs) == 2 and all(r.data.tags["diverged"] == "true" for r in runs)
+
+
+def test_unreachable_mlflow_server_fails_before_any_training(tmp_path: Path) -> None:
+    out = sweep_cli("sweep=tiny", "sweep.name=t_down", "tracking.uri=http://127.0.0.1:9",
+                    f"tracking.store_dir={tmp_path}", timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: MLflow tracking server http://127.0.0.1:9 is "
+                                                          "not reachable")
+    assert not Path(default_storage(tmp_path, "t_down")).exists()
+
+
+def test_bad_sweep_override_on_the_cli_is_one_line(tmp_path: Path) -> None:
+    out = sweep_cli("sweep=tiny", "sweep.sampler.name=cmaes", f"tracking.store_dir={tmp_path}", timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip() == ("error: sweep.sampler.name='cmaes' is not allowed; "
+                                  "choose one of: tpe, random, grid, qmc")
