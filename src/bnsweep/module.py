@@ -101,6 +101,16 @@ class ClassifierModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_loss, self.test_acc = self._pop("test")
 
+    @torch.no_grad()
+    def evaluate(self, chunks: Iterable[Chunk]) -> tuple[float, float]:
+        """Mean loss and accuracy in eval mode (BN running statistics): one pass, no Lightning loop."""
+        was_training = self.model.training
+        self.model.eval()
+        for chunk in chunks:
+            self._eval_chunk(chunk, "eval")
+        self.model.train(was_training)
+        return self._pop("eval")
+
     # ------------------------------------------------------------------ summary
 
     def summary_metrics(self, budget: int) -> dict[str, float]:

@@ -80,8 +80,9 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 trial = optuna.Trial(study, t._trial_id)
-                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid()})
-                trial.set_user_attr("heartbeat", time.time())
+                now = time.time()
+                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now})
+                trial.set_user_attr("heartbeat", now)
                 return trial
         except optuna.exceptions.UpdateFinishedTrialError:
             continue

@@ -134,14 +134,14 @@ class Sweep:
                 c[k] = c.get(k, 0) + v
         return c
 
-    def run_workers(self, n_workers: int) -> float:
+    def run_workers(self, n_workers: int, quiet: bool = False) -> float:
         """Run local workers to the end with one progress bar; return the wall time."""
         total = self.spec.n_trials * len(self.spec.cells())
         start = time.perf_counter()
         procs = [self.spawn(k) for k in range(n_workers)]
         respawns = n_workers
         bar = tqdm(total=total, desc=f"sweep {self.spec.name}", unit="trial", dynamic_ncols=True,
-                   file=sys.stderr, mininterval=1.0)
+                   file=sys.stderr, mininterval=1.0, disable=quiet)
         announced: set[str] = set()
         last_check = time.monotonic()
         try:
@@ -214,15 +214,19 @@ class Sweep:
         self.client.set_terminated(run_id, "FINISHED")
         return rows
 
-    def fit_time(self) -> tuple[float, int]:
-        """Summed fit wall time and number of trials that ran (for the overhead figure)."""
-        total, n = 0.0, 0
+    def timing(self) -> dict[str, float]:
+        """Summed fit time, trials run, and summed claim-to-finish time (for the overhead figures)."""
+        fit, n, spans = 0.0, 0, {}
         for study in self.studies:
             for t in study.get_trials(deepcopy=False):
-                m = t.user_attrs.get("metrics")
-                if m and "runtime_s" in m:
-                    total, n = total + m["runtime_s"], n + 1
-        return total, n
+                m, run = t.user_attrs.get("metrics"), t.user_attrs.get("run")
+                if m and run and "runtime_s" in m:
+                    fit, n = fit + m["runtime_s"], n + 1
+                    w = t.user_attrs["worker"]
+                    first, last = spans.get(w["pid"], (math.inf, 0.0))
+                    spans[w["pid"]] = (min(first, w["claimed_at"]), max(last, run["finished_at"]))
+        # busy: each worker's first claim to last finish, i.e. everything but process start-up
+        return {"fit_s": fit, "trials": n, "busy_s": sum(b - a for a, b in spans.values())}
 
 
 def resolve_tracking(cfg: DictConfig) -> str:
@@ -251,10 +255,11 @@ def run(cfg: DictConfig) -> list[dict]:
         sweep.prepare_data()
         n_workers = cfg.workers or len(os.sched_getaffinity(0))
         wall = sweep.run_workers(n_workers)
-        fit, n = sweep.fit_time()
-        if n:
-            print(f"{n} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
-                  f"{(wall - fit / n_workers) / max(n / n_workers, 1):.2f} s per trial", file=sys.stderr)
+        t = sweep.timing()
+        if t["trials"]:
+            print(f"{t['trials']} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
+                  f"{(n_workers * wall - t['fit_s']) / t['trials']:.2f} s per trial (worker start-up included)",
+                  file=sys.stderr)
     rows = sweep.finish()
     print("\n" + summary.to_markdown(rows, sweep.spec.target_acc))
     left = sum(r["running"] for r in rows)

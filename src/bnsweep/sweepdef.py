@@ -145,7 +145,9 @@ class SweepSpec:
         if name == "tpe":
             return optuna.samplers.TPESampler(seed=seed, **kw)
         if name == "qmc":  # indexed by trial number: the same points whatever the worker count
-            return optuna.samplers.QMCSampler(seed=self.sampler.get("seed"), scramble=True, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.QMCSampler(seed=self.sampler.get("seed"), scramble=True, **kw)
         return optuna.samplers.RandomSampler(seed=seed)  # random; grid values are enqueued fixed
 
     def make_pruner(self) -> optuna.pruners.BasePruner:

@@ -38,6 +38,7 @@ class RunResult:
     metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     outcome: str = "completed"  # completed | pruned (by Optuna) | diverged
+    tracker: tracking.RunTracker | None = None  # close() it when logging went to the background
 
     @property
     def diverged(self) -> bool:
@@ -68,8 +69,13 @@ def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
 
 def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = None,
                  callbacks: Sequence[pl.Callback] = (), tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, track: bool = True) -> RunResult:
-    """Validate, build, fit, test and log one run. Reuse ``datamodule`` to skip loading data."""
+                 parent_run_id: str | None = None, track: bool = True,
+                 background_logging: bool = False) -> RunResult:
+    """Validate, build, fit, test and log one run. Reuse ``datamodule`` to skip loading data.
+
+    ``background_logging`` sends MLflow requests from a thread (sweep workers): the caller then
+    owns ``result.tracker`` and must ``close()`` it.
+    """
     validate(cfg)
     quiet_lightning()
     if cfg.get("threads"):
@@ -88,14 +94,15 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     tracker = None
     if track:
         tracker = tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
-                                      parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir)
+                                      parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir,
+                                      background=background_logging)
         all_callbacks.append(tracking.EpochLogger(tracker))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
     device = trainer.strategy.root_device
     model.to(device)
     counts = param_counts(model)
     if tracker:
-        tracker.log(
+        tracker.stage(  # sent with the first epoch's metrics: one request fewer
             params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
             tags={"git_commit": tracking.git_commit(), "mlflow.source.git.commit": tracking.git_commit(),
                   "data_source": dm.origin, "torch_version": torch.__version__,
@@ -103,8 +110,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
                   **(tags or {})},
             metrics=counts,
         )
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        tracker.log_text(summary(model, dm.in_shape), "model_summary.txt")
+        tracker.log_texts({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+                           "model_summary.txt": summary(model, dm.in_shape)})
 
     outcome = "completed"
     start = time.perf_counter()
@@ -122,8 +129,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         if module.history:
             final["s_per_epoch"] = sum(r["epoch_time_s"] for r in module.history) / len(module.history)
         if outcome == "completed":
-            trainer.test(module, datamodule=dm, verbose=False)
-            final |= {"test_acc": module.test_acc, "test_loss": module.test_loss}
+            test_loss, test_acc = module.evaluate(dm.test_dataloader())
+            final |= {"test_acc": test_acc, "test_loss": test_loss}
         if tracker:
             tracker.log(final, step=len(module.history),
                         tags={"diverged": str(outcome == "diverged").lower(), "outcome": outcome})
@@ -131,9 +138,12 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     except BaseException as e:
         if tracker:
             tracker.log(tags={"error": f"{type(e).__name__}: {e}"[:5000]})
-            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+            tracker.close()
         raise
-    return RunResult(tracker.run_id if tracker else None, final, module.history, outcome)
+    if tracker and not background_logging:
+        tracker.close()
+    return RunResult(tracker.run_id if tracker else None, final, module.history, outcome, tracker)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 
 import optuna
@@ -35,16 +36,17 @@ class Worker:
         self.storage = open_storage(storage_url)
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
         self.seed_offset = seed_offset
-        self.studies = {s.study_name: s for s in sweep_studies(self.storage, sweep)}
+        # One study object per cell, with this worker's own sampler and pruner: a sampler keeps
+        # its random state across trials (a fresh seeded sampler per trial would repeat its draws).
+        self.studies = {s.study_name: self._with_sampler(s) for s in sweep_studies(self.storage, sweep)}
         self.configs: dict[str, DictConfig] = {}
         self.data: dict[str, InMemoryDataModule] = {}
+        self.trackers: list = []  # MLflow runs still sending in the background
         self.done = 0
 
-    def study(self, name: str) -> optuna.Study:
-        """Reload with this worker's sampler and pruner (they live in the process, not the storage)."""
-        attrs = self.studies[name].user_attrs
-        spec = SweepSpec.from_attrs(attrs)
-        return optuna.load_study(study_name=name, storage=self.storage,
+    def _with_sampler(self, study: optuna.Study) -> optuna.Study:
+        spec = SweepSpec.from_attrs(study.user_attrs)
+        return optuna.load_study(study_name=study.study_name, storage=self.storage,
                                  sampler=spec.make_sampler(self.seed_offset), pruner=spec.make_pruner())
 
     def config(self, study: optuna.Study) -> DictConfig:
@@ -66,7 +68,7 @@ class Worker:
         order = sorted(self.studies, key=lambda n: sum(counts(self.studies[n]).values()) - len(
             self.studies[n].get_trials(deepcopy=False, states=(TrialState.WAITING,))))
         for name in order:
-            study = self.study(name)
+            study = self.studies[name]
             trial = claim(self.storage, study)
             if trial is not None:
                 return study, trial
@@ -84,7 +86,7 @@ class Worker:
         try:
             result = run_training(
                 cfg, datamodule=self.datamodule(cfg), tags=tags,
-                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"),
+                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
                 callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_acc"),
                            Heartbeat(self.storage, trial)])
         except Exception as e:  # one trial's crash is recorded; the sweep goes on
@@ -92,28 +94,37 @@ class Worker:
             log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
             study.tell(trial, state=TrialState.FAIL)
             return
+        self.flush(keep=1)  # the previous trial's requests overlapped this trial's training
+        self.trackers.append(result.tracker)
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
-        trial.set_user_attr("mlflow_run_id", result.run_id)
-        trial.set_user_attr("outcome", result.outcome)
+        trial.set_user_attr("run", {"mlflow_run_id": result.run_id, "outcome": result.outcome,
+                                    "finished_at": time.time()})
         if result.outcome == "completed":
             study.tell(trial, result.metrics["best_val_acc"])
         else:  # pruned, or diverged: a bad region the sampler should learn to avoid
             trial.set_user_attr("diverged", result.outcome == "diverged")
             study.tell(trial, state=TrialState.PRUNED)
 
+    def flush(self, keep: int = 0) -> None:
+        while len(self.trackers) > keep:
+            self.trackers.pop(0).close()
+
     def run(self, max_trials: int | None = None) -> int:
-        while max_trials is None or self.done < max_trials:
-            nxt = self.next_trial()
-            if nxt is None:
-                break
-            study, trial = nxt
-            try:
-                self.run_trial(study, trial)
-            except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slot back
-                self.storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
-                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                raise
-            self.done += 1
+        try:
+            while max_trials is None or self.done < max_trials:
+                nxt = self.next_trial()
+                if nxt is None:
+                    break
+                study, trial = nxt
+                try:
+                    self.run_trial(study, trial)
+                except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slot back
+                    self.storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
+                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    raise
+                self.done += 1
+        finally:
+            self.flush()
         return self.done
 
 
