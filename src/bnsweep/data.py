@@ -227,7 +227,7 @@ def acquire(name: str, root: Path, mirror: str | None = None,
             continue
         tensors = decode_folder(spec, folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"tensors": tensors, "origin": origin}, tmp)
         tmp.replace(cache)  # atomic: parallel workers never read a half-written cache
         return tensors, origin
