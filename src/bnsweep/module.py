@@ -95,12 +95,6 @@ class ClassifierModule(pl.LightningModule):
             "epoch_time_s": time.perf_counter() - self._epoch_start,
         })
 
-    def test_step(self, chunk: Chunk, chunk_idx: int) -> None:
-        self._eval_chunk(chunk, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self.test_loss, self.test_acc = self._pop("test")
-
     @torch.no_grad()
     def evaluate(self, chunks: Iterable[Chunk]) -> tuple[float, float]:
         """Mean loss and accuracy in eval mode (BN running statistics): one pass, no Lightning loop."""

@@ -43,6 +43,7 @@ class Sweep:
     uri: str
     store_dir: Path
     stale_after_s: float
+    workers: int
 
     def __post_init__(self) -> None:
         self.storage = open_storage(self.storage_url)
@@ -245,7 +246,7 @@ def open_sweep(cfg: DictConfig) -> Sweep:
         raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
     store = Path(cfg.tracking.store_dir).resolve()
     url = cfg.storage or default_storage(store, spec.name)
-    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.stale_after_s))
+    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.stale_after_s), workers)
 
 
 def run(cfg: DictConfig) -> list[dict]:
@@ -253,7 +254,7 @@ def run(cfg: DictConfig) -> list[dict]:
     sweep.prepare()
     if cfg.action == "run":
         sweep.prepare_data()
-        n_workers = cfg.workers or len(os.sched_getaffinity(0))
+        n_workers = sweep.workers
         wall = sweep.run_workers(n_workers)
         t = sweep.timing()
         if t["trials"]:
