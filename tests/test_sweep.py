@@ -215,16 +215,24 @@ def test_sigkilled_worker_is_retried_and_resume_completes(mlflow_server: str, tm
     assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
 
 
-def test_diverging_learning_rates_are_recorded_not_a_crash(mlflow_server: str, tmp_path: Path) -> None:
-    out = sweep_cli("sweep=tiny", "sweep.name=t_diverge", "workers=1", "sweep.n_trials=2",
-                    "sweep.grid={model.bn.placement:[none]}",
-                    "sweep.search={optimizer.lr:{low:1000,high:10000,log:true}}", f"tracking.uri={mlflow_server}",
-                    f"tracking.store_dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    (study,) = studies_of(tmp_path, "t_diverge")
+def test_cli_worker_records_diverging_learning_rates(mlflow_server: str, tmp_path: Path) -> None:
+    """`action=status` prepares and enqueues; the stand-alone worker command (as on a cluster) runs it."""
+    name = "t_diverge"
+    prep = sweep_cli("sweep=tiny", f"sweep.name={name}", "action=status", "sweep.n_trials=2",
+                     "sweep.grid={model.bn.placement:[none]}",
+                     "sweep.search={optimizer.lr:{low:1000,high:10000,log:true}}", f"tracking.uri={mlflow_server}",
+                     f"tracking.store_dir={tmp_path}")
+    assert prep.returncode == 0, prep.stderr[-3000:]
+    (study,) = studies_of(tmp_path, name)
+    assert [t.state for t in study.trials] == [TrialState.WAITING] * 2
+    worker = subprocess.run([sys.executable, "-m", "bnsweep.worker", "--storage", default_storage(tmp_path, name),
+                             "--sweep", name, "--tracking-uri", mlflow_server], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert worker.returncode == 0, worker.stderr[-3000:]
+    (study,) = studies_of(tmp_path, name)
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2
     assert all(t.user_attrs["diverged"] for t in study.trials)
-    runs = runs_by_role(mlflow_server, "t_diverge")["trial"]
+    runs = runs_by_role(mlflow_server, name)["trial"]
     assert len(runs) == 2 and all(r.data.tags["diverged"] == "true" for r in runs)
 
 

@@ -104,8 +104,10 @@ def main() -> None:
 
 
 def report_sweep(trials: int) -> None:
+    from bnsweep.launch import start_preloading
     from bnsweep.server import MlflowServer
 
+    start_preloading()  # as `make sweep` does first thing: worker imports overlap the server's start
     with tempfile.TemporaryDirectory() as store:
         server = MlflowServer(store)
         uri = server.start()
