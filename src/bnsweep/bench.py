@@ -69,13 +69,13 @@ def bench_training(epochs: int) -> dict[str, float]:
             "full_wall": full_wall / epochs, "val_acc": full.history[-1]["val_acc"]}
 
 
-def bench_sweep(workers: int, n_trials: int, uri: str, store: str) -> dict[str, float]:
+def bench_sweep(workers: int, n_trials: int, uri: str, store: str, rep: int = 0) -> dict[str, float]:
     """The tiny sweep's 2 cells, 1 epoch on the full 55k MNIST, fresh studies, run by ``workers`` processes."""
     from bnsweep.sweep import open_sweep
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("run_sweep", overrides=[
-            "sweep=tiny", f"sweep.name=bench_w{workers}", f"sweep.n_trials={n_trials}", "sweep.epochs=1",
+            "sweep=tiny", f"sweep.name=bench_w{workers}_r{rep}", f"sweep.n_trials={n_trials}", "sweep.epochs=1",
             'overrides=["data.limit_train=null"]', f"workers={workers}", f"tracking.uri={uri}",
             f"tracking.store_dir={store}"])
         sweep = open_sweep(cfg)
@@ -94,16 +94,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measured run")
     ap.add_argument("--trials", type=int, default=6, help="trials per cell in the sweep benchmark (2 cells)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-worker sweep pairs")
     ap.add_argument("--only", choices=["training", "sweep"], default=None)
     args = ap.parse_args()
     print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     if args.only != "sweep":
         report_training(args.epochs)
     if args.only != "training":
-        report_sweep(args.trials)
+        report_sweep(args.trials, args.repeats)
 
 
-def report_sweep(trials: int) -> None:
+def report_sweep(trials: int, repeats: int) -> None:
     from bnsweep.launch import start_preloading
     from bnsweep.server import MlflowServer
 
@@ -111,21 +112,26 @@ def report_sweep(trials: int) -> None:
     with tempfile.TemporaryDirectory() as store:
         server = MlflowServer(store)
         uri = server.start()
-        try:
-            one, two = (bench_sweep(w, trials, uri, store) for w in (1, 2))
+        try:  # alternate 1 and 2 workers: the machine's drift hits both sides
+            pairs = [tuple(bench_sweep(w, trials, uri, store, rep) for w in (1, 2)) for rep in range(repeats)]
         finally:
             server.stop()
     print(f"\n[sweep] sweeps/tiny: 2 cells x {trials} trials, 1 epoch on 55k MNIST images, 1 thread per worker,"
-          " MLflow server, journal storage")
-    for w, r in ((1, one), (2, two)):
-        print(f"  {w} worker{'s' if w > 1 else ' '}  {r['trials']} trials in {r['wall']:6.1f} s   "
-              f"{r['per_hour']:7.0f} trials/hour   overhead {r['overhead']:.2f} s/trial "
-              f"(start-up {r['startup']:.1f} s per worker; steady state {r['steady']:.2f} s/trial)")
-    print(f"  ratio 2 workers / 1 worker, whole sweep    {two['per_hour'] / one['per_hour']:7.2f}x   (bar: >= 1.80)")
-    print(f"  ratio 2 workers / 1 worker, after start-up {two['per_hour_steady'] / one['per_hour_steady']:7.2f}x"
-          f"   ({one['per_hour_steady']:.0f} vs {two['per_hour_steady']:.0f} trials/hour)")
-    print(f"  orchestration overhead, 1 worker           {one['overhead']:7.2f} s/trial incl. start-up, "
-          f"{one['steady']:.2f} s/trial after it (bar: <= 0.30)")
+          f" MLflow server, journal storage; {repeats} alternating repeats")
+    for one, two in pairs:
+        for w, r in ((1, one), (2, two)):
+            print(f"  {w} worker{'s' if w > 1 else ' '}  {r['trials']} trials in {r['wall']:6.1f} s   "
+                  f"{r['per_hour']:7.0f} trials/hour   overhead {r['overhead']:.2f} s/trial "
+                  f"(start-up {r['startup']:.1f} s per worker; steady state {r['steady']:.2f} s/trial)")
+    ratios = [two["per_hour"] / one["per_hour"] for one, two in pairs]
+    steady = [two["per_hour_steady"] / one["per_hour_steady"] for one, two in pairs]
+    overhead = [one["overhead"] for one, _ in pairs]
+    print(f"  ratio 2 workers / 1 worker, whole sweep    {statistics.median(ratios):7.2f}x   (bar: >= 1.80; "
+          f"each repeat: {', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"  ratio 2 workers / 1 worker, after start-up {statistics.median(steady):7.2f}x   "
+          f"(each repeat: {', '.join(f'{r:.2f}' for r in steady)})")
+    print(f"  orchestration overhead, 1 worker           {statistics.median(overhead):7.2f} s/trial incl. "
+          f"start-up (bar: <= 0.30; each repeat: {', '.join(f'{o:.2f}' for o in overhead)})")
 
 
 def report_training(epochs: int) -> None:

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -59,7 +60,8 @@ class Sweep:
 
     @property
     def studies(self) -> list[optuna.Study]:
-        return sweep_studies(self.storage, self.spec.name)
+        """This sweep's cell studies; ``prepare`` keeps them, so polling reads only new journal lines."""
+        return getattr(self, "_studies", None) or sweep_studies(self.storage, self.spec.name)
 
     @property
     def log_dir(self) -> Path:
@@ -71,6 +73,7 @@ class Sweep:
 
     def prepare(self) -> None:
         """Create or check each cell's study and parent run; enqueue every missing trial."""
+        studies = []
         for i, cell in enumerate(self.spec.cells()):
             study = optuna.create_study(storage=self.storage, study_name=self.spec.study_name(cell),
                                         direction="maximize", load_if_exists=True)
@@ -96,6 +99,8 @@ class Sweep:
             for k, v in attrs.items():
                 if study.user_attrs.get(k) != v:
                     study.set_user_attr(k, v)
+            studies.append(study)
+        self._studies = studies
         self.recover()
 
     def recover(self) -> int:
@@ -166,7 +171,7 @@ class Sweep:
                         continue
                 if not alive:
                     break
-                time.sleep(0.5)
+                wait([p.sentinel for p in alive], timeout=1.0)  # wakes at once when a worker ends
         except KeyboardInterrupt:
             for p in procs:
                 p.terminate()
