@@ -7,9 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, make_cfg
 from mlflow.tracking import MlflowClient
 
+from bnsweep import checkpoint
+from bnsweep.data import InMemoryDataModule
 from bnsweep.errors import TrackingError
 from bnsweep.train import run_training
 
@@ -42,9 +45,21 @@ def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, d
     assert "mirror" in t["data_source"] or "cache" in t["data_source"] or "files" in t["data_source"]
     assert t["diverged"] == "false"
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"config.yaml", "model_summary.txt"} <= artifacts
+    assert {"config.yaml", "model_summary.txt", "model.pt"} <= artifacts
     summary = client.download_artifacts(result.run_id, "model_summary.txt")
     assert "non-trainable: 2,368" in Path(summary).read_text()
+    # The logged weights rebuild the trained model: same test accuracy without Hydra or Lightning.
+    model, meta = checkpoint.load(client.download_artifacts(result.run_id, "model.pt"))
+    assert meta["in_shape"] == [1, 28, 28] and meta["num_classes"] == 10 and not model.training
+    test = InMemoryDataModule("mnist", data_root, os.environ.get("BNSWEEP_DATA_MIRROR"))
+    test.setup("test")
+    correct = n = 0
+    with torch.no_grad():
+        for chunk in test.test_dataloader():
+            for x, y in chunk:
+                correct += int((model(x).argmax(1) == y).sum())
+                n += len(y)
+    assert correct / n == pytest.approx(m["test_acc"], abs=1e-9)
 
 
 def test_same_config_and_seed_give_the_same_numbers(data_root: str) -> None:

@@ -154,14 +154,16 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=m[:MAX_METRICS], params=p[:MAX_PARAMS], tags=t[:MAX_TAGS])
             m, p, t = m[MAX_METRICS:], p[MAX_PARAMS:], t[MAX_TAGS:]
 
-    def log_texts(self, files: Mapping[str, str]) -> None:
-        """Write small text artifacts in one go, to the run's artifact store."""
-        self._submit(self._log_texts, dict(files))
+    def log_files(self, files: Mapping[str, str | bytes]) -> None:
+        """Write small artifacts (text or bytes) in one go, to the run's artifact store."""
+        self._submit(self._log_files, dict(files))
 
-    def _log_texts(self, files: dict[str, str]) -> None:
+    def _log_files(self, files: dict[str, str | bytes]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, text in files.items():
-                (Path(tmp) / name).write_text(text)
+            for name, content in files.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content if isinstance(content, bytes) else content.encode())
             get_artifact_repository(self._run.result().info.artifact_uri).log_artifacts(tmp)
 
     def finish(self, status: str = "FINISHED") -> None:

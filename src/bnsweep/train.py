@@ -2,7 +2,8 @@
 
 Logs the flattened config as params, per-epoch metrics at step = epoch (1-based), the final
 metrics (test_acc, test_loss, best_val_acc, runtime_s, epochs_to_converge, converged), tags
-(git commit, data source, torch version, device) and artifacts (config.yaml, model_summary.txt).
+(git commit, data source, torch version, device) and artifacts (config.yaml, model_summary.txt, and
+model.pt: the trained weights, see checkpoint.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 
-from bnsweep import tracking
+from bnsweep import checkpoint, tracking
 from bnsweep.config import instantiate, validate
 from bnsweep.data import InMemoryDataModule
 from bnsweep.errors import BnsweepError
@@ -110,7 +111,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
                   **(tags or {})},
             metrics=counts,
         )
-        tracker.log_texts({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+        tracker.log_files({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
                            "model_summary.txt": summary(model, dm.in_shape)})
 
     outcome = "completed"
@@ -131,6 +132,10 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         if outcome == "completed":
             test_loss, test_acc = module.evaluate(dm.test_dataloader())
             final |= {"test_acc": test_acc, "test_loss": test_loss}
+            if tracker and cfg.tracking.get("log_model", True):
+                tracker.log_files({checkpoint.ARTIFACT: checkpoint.to_bytes(
+                    model, OmegaConf.to_container(cfg.model, resolve=True), dm.in_shape, dm.num_classes,
+                    OmegaConf.to_container(cfg, resolve=True))})
         if tracker:
             tracker.log(final, step=len(module.history),
                         tags={"diverged": str(outcome == "diverged").lower(), "outcome": outcome})
