@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 import signal
@@ -161,7 +163,9 @@ def test_tiny_sweep_two_workers_exact_counts(mlflow_server: str, tmp_path: Path)
     client = MlflowClient(mlflow_server)
     for r in runs["trial"]:
         assert r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] in parents
-        assert {"test_acc", "best_val_acc", "epochs_to_converge", "runtime_s"} <= set(r.data.metrics)
+        assert {"test_acc", "test_acc_precise", "best_val_acc", "epochs_to_converge", "runtime_s"} <= set(
+            r.data.metrics)
+        assert "test_acc_batch1" not in r.data.metrics  # small-batch evaluation: single runs only
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
         assert r.data.tags["optuna.study"].startswith("t_counts/")
     trial_ids = {(r.data.tags["optuna.study"], int(r.data.tags["optuna.trial"])) for r in runs["trial"]}
@@ -170,6 +174,13 @@ def test_tiny_sweep_two_workers_exact_counts(mlflow_server: str, tmp_path: Path)
         assert {"best_lr", "best_val_acc", "lr_basin_decades", "s_per_epoch"} <= set(r.data.metrics)
     arts = {a.path for a in client.list_artifacts(runs["summary"][0].info.run_id)}
     assert {"summary.csv", "summary.md"} <= arts
+    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(
+        runs["summary"][0].info.run_id, "summary.csv")).read_text())))
+    for row in table:  # (b) - (a): population statistics minus running averages, at the best LR
+        trial = next(r for r in runs["trial"] if r.data.tags["optuna.study"].endswith(row["cell"])
+                     and float(r.data.params["optimizer.lr"]) == pytest.approx(float(row["best_lr"])))
+        m = trial.data.metrics
+        assert float(row["precise_bn_gain"]) == pytest.approx(m["test_acc_precise"] - m["test_acc"], abs=1e-9)
     assert "| placement=none |" in out.stdout and "dashboard: http://127.0.0.1" in out.stdout
 
     again = sweep_cli("sweep=tiny", "sweep.name=t_counts", "workers=2", f"tracking.uri={mlflow_server}",

@@ -37,6 +37,11 @@ def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, d
     assert 0.5 < m["test_acc"] <= 1 and m["converged"] == 1 and m["epochs_to_converge"] in (1, 2)
     assert m["best_val_acc"] == max(h.value for h in client.get_metric_history(result.run_id, "val_acc"))
     assert m["params_non_trainable"] == 2368
+    # BN at inference: population statistics ~ running averages here; one image at a time, BN's
+    # batch statistics are degenerate (every BN outputs its beta) and the model guesses one class.
+    assert abs(m["precise_bn_gain"] - (m["test_acc_precise"] - m["test_acc"])) < 1e-9
+    assert abs(m["precise_bn_gain"]) < 0.05
+    assert m["test_acc_batch1"] < 0.3 < m["test_acc_batch8"] <= m["test_acc_batch32"] + 0.02
     p = run.data.params
     assert p["model.bn.placement"] == "after_act" and p["model.bn.input"] == "True"
     assert p["optimizer.lr"] == "0.05" and p["data.batch_size"] == "32"

@@ -47,5 +47,7 @@ def validate(cfg: DictConfig) -> None:
     check_range("trainer.max_epochs", cfg.trainer.max_epochs, 1)
     check_range("train.target_acc", cfg.train.target_acc, 0, 1, low_open=True)
     check_range("train.max_loss", cfg.train.max_loss, 0, low_open=True)
+    for size in cfg.train.get("eval_batch_sizes") or ():
+        check_range("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
         check_range("threads", cfg.threads, 1)

@@ -17,7 +17,7 @@ from bnsweep.studies import counts
 
 LR_KEY = "optimizer.lr"
 COLUMNS = ["cell", "best_lr", "best_val_acc", "test_acc", "epochs_to_converge", "median_epochs_to_converge",
-           "s_per_epoch", "lr_basin_decades", "complete", "pruned", "diverged", "failed", "running"]
+           "precise_bn_gain", "s_per_epoch", "lr_basin_decades", "complete", "pruned", "diverged", "failed", "running"]
 
 
 def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:
@@ -33,7 +33,8 @@ def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:
         best = max(done, key=lambda t: t.value)
         m = best.user_attrs.get("metrics", {})
         row |= {"best_lr": best.params.get(LR_KEY, math.nan), "best_val_acc": best.value,
-                "test_acc": m.get("test_acc", math.nan), "epochs_to_converge": m.get("epochs_to_converge", math.nan),
+                "test_acc": m.get("test_acc", math.nan), "precise_bn_gain": m.get("precise_bn_gain", math.nan),
+                "epochs_to_converge": m.get("epochs_to_converge", math.nan),
                 "median_epochs_to_converge": statistics.median(
                     t.user_attrs["metrics"]["epochs_to_converge"] for t in done if "metrics" in t.user_attrs)}
     spe = [t.user_attrs["metrics"]["s_per_epoch"] for t in measured if "s_per_epoch" in t.user_attrs["metrics"]]
@@ -53,11 +54,14 @@ def _cell(v: Any, key: str) -> str:
             return f"{v:.3g}"
         if key in ("epochs_to_converge", "median_epochs_to_converge"):
             return f"{v:g}"
+        if key == "precise_bn_gain":
+            return f"{v:+.4f}"
         return f"{v:.4f}" if "acc" in key else f"{v:.2f}"
     return str(v)
 
 
 HEADERS = {"cell": "cell", "best_lr": "best lr", "best_val_acc": "val acc", "test_acc": "test acc",
+           "precise_bn_gain": "precise BN - running",
            "epochs_to_converge": "epochs to target", "median_epochs_to_converge": "median epochs",
            "s_per_epoch": "s/epoch", "lr_basin_decades": "LR basin (decades)", "complete": "done",
            "pruned": "pruned", "diverged": "diverged", "failed": "failed", "running": "left"}
@@ -68,7 +72,9 @@ def to_markdown(rows: Sequence[dict[str, Any]], target_acc: float) -> str:
     sep = "|" + "|".join("---" if c == "cell" else "---:" for c in COLUMNS) + "|"
     body = ["| " + " | ".join(_cell(r[c], c) for c in COLUMNS) + " |" for r in rows]
     note = (f"\nepochs to target: first epoch with val acc >= {target_acc:g} at the best LR (budget + 1 = "
-            "never); LR basin: decades of LR that reached the target; '-': no trial got there.")
+            "never); LR basin: decades of LR that reached the target; '-': no trial got there; precise BN - running: "
+            "test acc with population statistics recomputed on the training set minus test acc with BN's "
+            "running averages, at the best LR.")
     return "\n".join([head, sep, *body]) + "\n" + note + "\n"
 
 

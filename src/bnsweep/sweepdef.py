@@ -127,7 +127,10 @@ class SweepSpec:
         for combo in itertools.product(*(self.grid[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
             name = ",".join(f"{short[k]}={_label(v)}" for k, v in values.items()) or "all"
-            overrides = [*self.base, f"trainer.max_epochs={self.epochs}", f"train.target_acc={self.target_acc}"]
+            # Trials test with running averages and population statistics (precise BN); the small-batch
+            # evaluations are for single runs unless the sweep's base asks for them.
+            overrides = ["train.eval_batch_sizes=[]", *self.base, f"trainer.max_epochs={self.epochs}",
+                         f"train.target_acc={self.target_acc}"]
             for k, v in values.items():
                 overrides += _overrides(k, v)
             cells.append(Cell(name, values, overrides))

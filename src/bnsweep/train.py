@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 
-from bnsweep import checkpoint, tracking
+from bnsweep import checkpoint, inference, tracking
 from bnsweep.config import instantiate, validate
 from bnsweep.data import InMemoryDataModule
 from bnsweep.errors import BnsweepError
@@ -66,6 +66,18 @@ class EpochPrinter(pl.Callback):
 
 def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
     return instantiate(cfg.data)
+
+
+def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
+                      test_acc: float) -> dict[str, float]:
+    """Test metrics with population and small-batch BN statistics (see inference.py)."""
+    t = dm.tensors
+    out = inference.eval_modes(model, t["train_x"], t["test_x"], t["test_y"],
+                               cfg.train.get("eval_batch_sizes") or (), precise=cfg.train.get("precise_bn", True),
+                               chunk=dm.eval_batch_size)
+    if "test_acc_precise" in out:
+        out["precise_bn_gain"] = out["test_acc_precise"] - test_acc  # (b) - (a)
+    return out
 
 
 def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = None,
@@ -132,6 +144,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         if outcome == "completed":
             test_loss, test_acc = module.evaluate(dm.test_dataloader())
             final |= {"test_acc": test_acc, "test_loss": test_loss}
+            final |= inference_metrics(cfg, model, dm, test_acc)
             if tracker and cfg.tracking.get("log_model", True):
                 tracker.log_files({checkpoint.ARTIFACT: checkpoint.to_bytes(
                     model, OmegaConf.to_container(cfg.model, resolve=True), dm.in_shape, dm.num_classes,
