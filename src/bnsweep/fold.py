@@ -202,7 +202,7 @@ def fold_bn(model: nn.Sequential, in_shape: Sequence[int] | None = None) -> nn.S
                 spatial, flattened = isinstance(mod, nn.BatchNorm2d), False
             else:  # BN after BN: compose the maps
                 pending = (a * pending[0], a * pending[1] + c)
-        elif pending is not None and isinstance(mod, nn.Linear):
+        elif pending is not None and isinstance(mod, nn.Linear) and (flattened or not spatial):
             out.append((name, _fold_linear_input(mod, *pending)))
             pending = None
         elif pending is not None and isinstance(mod, nn.Conv2d):

@@ -37,7 +37,7 @@ def measure(models: Mapping[str, nn.Module], in_shape: Sequence[int], batches: S
             seed: int = 0) -> dict[str, float]:
     """Median ms per forward pass: ``latency_b{batch}_ms_{name}``, plus ``latency_b{batch}_ratio_{name}_nobn``.
 
-    ``budget_s`` caps the timed calls per batch size (at least 5 rounds), so a big CNN at batch
+    ``budget_s`` caps the timed calls per batch size (at least 7 rounds), so a big CNN at batch
     1024 does not take minutes.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -48,12 +48,15 @@ def measure(models: Mapping[str, nn.Module], in_shape: Sequence[int], batches: S
             x = torch.rand(batch, *in_shape, generator=gen)
             cost = 0.0
             for model in models.values():
-                for _ in range(warmup):
+                spent = []
+                for _ in range(max(warmup, 1)):
+                    start = time.perf_counter()
                     model(x)
-                start = time.perf_counter()
-                model(x)
-                cost += time.perf_counter() - start
-            rounds = repeats if budget_s is None else max(5, min(repeats, int(budget_s / max(cost, 1e-9))))
+                    spent.append(time.perf_counter() - start)
+                    if budget_s is not None and len(spent) > 1 and sum(spent) > budget_s / 4:
+                        break  # a slow model is warm after two calls
+                cost += min(spent)
+            rounds = repeats if budget_s is None else max(7, min(repeats, int(budget_s / max(cost, 1e-9))))
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds):
                 for i in range(len(names)):
@@ -106,7 +109,7 @@ BENCH_MODELS = {  # label -> train-config overrides
 }
 
 
-def report(budget_s: float = 4.0) -> None:
+def report(budget_s: float = 3.0) -> None:
     """``make bench`` section: each model's three variants side by side at batch 1 and 1024."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
