@@ -37,7 +37,7 @@ def measure(models: Mapping[str, nn.Module], in_shape: Sequence[int], batches: S
             seed: int = 0) -> dict[str, float]:
     """Median ms per forward pass: ``latency_b{batch}_ms_{name}``, plus ``latency_b{batch}_ratio_{name}_nobn``.
 
-    ``budget_s`` caps the timed calls per batch size (at least 7 rounds), so a big CNN at batch
+    ``budget_s`` caps the timed calls per batch size (at least 10 rounds), so a big CNN at batch
     1024 does not take minutes.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -56,7 +56,7 @@ def measure(models: Mapping[str, nn.Module], in_shape: Sequence[int], batches: S
                     if budget_s is not None and len(spent) > 1 and sum(spent) > budget_s / 4:
                         break  # a slow model is warm after two calls
                 cost += min(spent)
-            rounds = repeats if budget_s is None else max(7, min(repeats, int(budget_s / max(cost, 1e-9))))
+            rounds = repeats if budget_s is None else max(10, min(repeats, int(budget_s / max(cost, 1e-9))))
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds):
                 for i in range(len(names)):
