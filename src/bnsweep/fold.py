@@ -139,7 +139,8 @@ def _fold_linear_input(layer: nn.Linear, a: torch.Tensor, c: torch.Tensor) -> nn
 def _fold_conv_input(name: str, conv: nn.Conv2d, a: torch.Tensor, c: torch.Tensor,
                      in_hw: tuple[int, ...] | None) -> list[tuple[str, nn.Module]]:
     """conv(a*x + c) exactly, minding the zero padding (see the module docstring)."""
-    padded = conv.padding != "valid" and any(p != 0 for p in conv.padding if isinstance(p, int))
+    pad = conv.padding
+    padded = pad == "same" if isinstance(pad, str) else any(p != 0 for p in pad)
     if conv.groups != 1 or (padded and conv.padding_mode != "zeros"):
         raise ValueError(f"{name}: folding BN into a conv with groups={conv.groups}, "
                          f"padding_mode={conv.padding_mode!r} is not supported")
