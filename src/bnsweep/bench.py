@@ -3,6 +3,7 @@
 Training speed: experiment=seed001_bn through the full stack (Hydra config, LightningModule,
 in-memory DataModule, MLflow logging) against a bare PyTorch loop over the same in-memory tensors
 (same model, batch 32, same per-epoch work: train loss/accuracy and a validation pass).
+Latency (bnsweep.latency): no-BN / BN / BN-folded forward passes at batch 1 and 1024, side by side.
 """
 
 from __future__ import annotations
@@ -95,13 +96,17 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measured run")
     ap.add_argument("--trials", type=int, default=6, help="trials per cell in the sweep benchmark (2 cells)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-worker sweep pairs")
-    ap.add_argument("--only", choices=["training", "sweep"], default=None)
+    ap.add_argument("--only", choices=["training", "sweep", "latency"], default=None)
     args = ap.parse_args()
     print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    if args.only != "sweep":
+    if args.only in (None, "training"):
         report_training(args.epochs)
-    if args.only != "training":
+    if args.only in (None, "sweep"):
         report_sweep(args.trials, args.repeats)
+    if args.only in (None, "latency"):
+        from bnsweep.latency import report as report_latency
+
+        report_latency()
 
 
 def report_sweep(trials: int, repeats: int) -> None:
