@@ -171,7 +171,8 @@ class SweepSpec:
         """What a worker needs, as JSON for the study's user attributes."""
         return {"sweep": self.name, "sampler": self.sampler, "pruner": self.pruner,
                 "n_trials": self.n_trials, "epochs": self.epochs, "target_acc": self.target_acc,
-                "repeats": self.repeats, "search": {p.key: optuna.distributions.distribution_to_json(p.dist) for p in self.params}}
+                "repeats": self.repeats,
+                "search": {p.key: optuna.distributions.distribution_to_json(p.dist) for p in self.params}}
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> SweepSpec:

@@ -1,0 +1,478 @@
+"""The study report: ``python -m bnsweep.report sweep=<name>`` (or ``make report SWEEP=<name>``).
+
+Reads a finished (or running) sweep from its Optuna storage and MLflow, never trains, and answers the
+seeds' questions with numbers: BN vs no BN per activation (and init, optimizer...) in best accuracy,
+epochs to target, cost per epoch and LR-basin width, each with a 95% CI from the repeats (extra
+seeds at each cell's best LR, paired by seed) or, for the basin, the LR grid's bracket. A sentence
+states a conclusion only where its interval excludes 0. Writes ``reports/<sweep>/report.{md,html}``
+and PNG figures, and logs them to the sweep's ``summary`` MLflow run. How to read it: docs/report.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import optuna
+from omegaconf import DictConfig
+from optuna.trial import FrozenTrial
+
+from bnsweep import figures, summary
+from bnsweep.diagnostics import ARTIFACT as DIAGNOSTICS
+from bnsweep.diagnostics import read_csv
+from bnsweep.document import Document
+from bnsweep.errors import BnsweepError, ConfigError
+from bnsweep.stats import Interval, basin_bracket, bracket_diff, mean_ci, paired_diff
+from bnsweep.studies import best_trial, is_repeat
+from bnsweep.sweep import CONF_DIR, Sweep, open_sweep
+from bnsweep.sweepdef import _label
+
+LR = summary.LR_KEY
+log = logging.getLogger("bnsweep.report")
+# metric key, label, number format, which sign is "better" with the first of a pair
+METRICS = [("best_val_acc", "best val acc", "{:+.4f}", 1), ("test_acc", "test acc", "{:+.4f}", 1),
+           ("epochs_to_converge", "epochs to target", "{:+.2f}", -1), ("s_per_epoch", "s/epoch", "{:+.3f}", -1),
+           ("time_to_target", "time to target (s)", "{:+.1f}", -1), ("basin", "LR basin (decades)", "{:+.2f}", 1)]
+
+
+# ---------------------------------------------------------------------- what a sweep holds
+
+
+@dataclass
+class TrialResult:
+    number: int
+    lr: float
+    state: str  # complete | pruned | diverged | failed | running | waiting
+    metrics: dict[str, float]
+    run_id: str | None
+    repeat: int | None = None  # k of a repeat (seed + k at the best LR); None for an LR-search trial
+    val_acc: list[float] = field(default_factory=list)  # per epoch; fetched for best trials and repeats
+
+    @classmethod
+    def of(cls, t: FrozenTrial) -> TrialResult:
+        state = "diverged" if t.user_attrs.get("diverged") else t.state.name.lower().replace("fail", "failed")
+        return cls(t.number, float(t.params.get(LR, math.nan)), state, dict(t.user_attrs.get("metrics") or {}),
+                   (t.user_attrs.get("run") or {}).get("mlflow_run_id"), t.user_attrs.get("repeat"))
+
+    def value(self, key: str) -> float:
+        if key == "time_to_target":  # censored runs count budget + 1 epochs, as epochs_to_converge does
+            return self.metrics.get("epochs_to_converge", math.nan) * self.metrics.get("s_per_epoch", math.nan)
+        return float(self.metrics.get(key, math.nan))
+
+
+@dataclass
+class CellResult:
+    name: str
+    labels: dict[str, str]  # short grid key -> value label, in grid order
+    row: dict[str, Any]  # summary.cell_row: the LR search's answer
+    trials: list[TrialResult]  # the LR search
+    repeats: list[TrialResult]  # finished repeats at the best LR
+    best: TrialResult | None
+    basin: Interval
+    diagnostics: list[dict[str, Any]] | None = None
+    waiting: int = 0  # trials (LR search or repeats) not finished yet
+
+    def repeat_values(self, key: str) -> dict[int, float]:
+        """Repeat k -> its value: what paired comparisons pair on (the same seed in every cell)."""
+        return {t.repeat: v for t in self.repeats if math.isfinite(v := t.value(key))}
+
+    def best_value(self, key: str) -> float:
+        return self.best.value(key) if self.best else math.nan
+
+
+def _short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """The grid keys as cell names spell them (sweepdef.SweepSpec.cells)."""
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    return short if len(set(short.values())) == len(keys) else {k: k for k in keys}
+
+
+def collect_cell(study: optuna.Study, search_range: tuple[float, float], target: float) -> CellResult:
+    trials = study.get_trials(deepcopy=False)
+    grid = study.user_attrs.get("grid") or {}
+    short = _short_keys(list(grid))
+    labels = {short[k]: _label(v) for k, v in grid.items()} or {"cell": study.user_attrs.get("cell", "all")}
+    search = [TrialResult.of(t) for t in trials if not is_repeat(t)]
+    repeats = [TrialResult.of(t) for t in trials if is_repeat(t) and t.state.is_finished() and t.user_attrs.get(
+        "metrics")]
+    best = best_trial(trials)
+    measured = [t for t in search if t.state in ("complete", "pruned", "diverged") and t.metrics and t.lr > 0]
+    basin = basin_bracket([t.lr for t in measured], [t.metrics.get("best_val_acc", 0.0) for t in measured],
+                          target, *search_range)
+    return CellResult(study.user_attrs.get("cell", study.study_name), labels, summary.cell_row(study, target),
+                      search, repeats, next((t for t in search if best and t.number == best.number), None), basin,
+                      waiting=sum(not t.state.is_finished() for t in trials))
+
+
+def fetch_mlflow(sweep: Sweep, cells: Sequence[CellResult]) -> None:
+    """val_acc histories of each best trial and repeat, and the best trial's diagnostics, in parallel."""
+    jobs: list[Callable[[], None]] = []
+
+    def history(t: TrialResult) -> None:
+        t.val_acc = [m.value for m in sorted(sweep.client.get_metric_history(t.run_id, "val_acc"),
+                                             key=lambda m: m.step)]
+
+    def diag(c: CellResult, run_id: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = sweep.client.download_artifacts(run_id, DIAGNOSTICS, tmp)
+            except Exception:  # diagnostics were off for this sweep: no such artifact
+                return
+            c.diagnostics = read_csv(Path(path).read_text())
+
+    for c in cells:
+        for t in [c.best, *c.repeats]:
+            if t and t.run_id:
+                jobs.append(lambda t=t: history(t))
+        if c.best and c.best.run_id:
+            jobs.append(lambda c=c: diag(c, c.best.run_id))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for f in [pool.submit(j) for j in jobs]:
+            f.result()
+
+
+# ---------------------------------------------------------------------- layout and comparisons
+
+
+@dataclass
+class Layout:
+    """Rows: the BN key (else the first gridded key); columns: the other keys' combinations (groups)."""
+
+    keys: list[str]
+    values: dict[str, list[str]]
+    row: str
+    col: str | None
+    facet_keys: list[str]
+    baseline: str
+    groups: list[str] = field(default_factory=list)
+    facets: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, cells: Sequence[CellResult], grid_keys: Sequence[str]) -> Layout:
+        keys = list(cells[0].labels)
+        values = {k: list(dict.fromkeys(c.labels[k] for c in cells)) for k in keys}
+        short = _short_keys(list(grid_keys))
+        bn = [short[k] for k in grid_keys if k == "model.bn" or k.startswith("model.bn.")]
+        row = bn[0] if bn else keys[0]
+        others = [k for k in keys if k != row]
+        col = "activation" if "activation" in others else (others[0] if others else None)
+        baseline = next((v for v in values[row] if v in ("none", "false")), values[row][0])
+        layout = cls(keys, values, row, col, [k for k in others if k != col], baseline)
+        layout.groups = list(dict.fromkeys(layout.group(c) for c in cells))
+        layout.facets = list(dict.fromkeys(layout.facet_of(c) for c in cells))
+        return layout
+
+    @property
+    def rows(self) -> list[str]:
+        return self.values[self.row]
+
+    @property
+    def col_values(self) -> list[str]:
+        return self.values[self.col] if self.col else []
+
+    def group(self, c: CellResult) -> str:
+        return ", ".join(f"{k}={c.labels[k]}" for k in self.keys if k != self.row) or "all"
+
+    def col_of(self, c: CellResult) -> str:
+        return c.labels[self.col] if self.col else ""
+
+    def facet_of(self, c: CellResult) -> str:
+        return ", ".join(f"{k}={c.labels[k]}" for k in self.facet_keys)
+
+
+@dataclass
+class Comparison:
+    """Cell a minus cell b (same group), paired by seed; the basin by its bracket."""
+
+    group: str
+    a: CellResult
+    b: CellResult
+    a_label: str
+    b_label: str
+    deltas: dict[str, Interval]
+
+    @classmethod
+    def of(cls, group: str, a: CellResult, b: CellResult, row: str) -> Comparison:
+        deltas = {k: paired_diff(a.repeat_values(k), b.repeat_values(k)) for k, *_ in METRICS if k != "basin"}
+        deltas["basin"] = bracket_diff(a.basin, b.basin)
+        return cls(group, a, b, a.labels[row], b.labels[row], deltas)
+
+
+def comparisons(cells: Sequence[CellResult], layout: Layout) -> tuple[list[Comparison], list[Comparison]]:
+    """Per group: every BN variant vs the baseline, and the BN variants against each other."""
+    vs_base, between = [], []
+    for g in layout.groups:
+        by_row = {c.labels[layout.row]: c for c in cells if layout.group(c) == g}
+        base = by_row.get(layout.baseline)
+        variants = [r for r in layout.rows if r in by_row and r != layout.baseline]
+        if base:
+            vs_base += [Comparison.of(g, by_row[v], base, layout.row) for v in variants]
+        between += [Comparison.of(g, by_row[a], by_row[b], layout.row)
+                    for i, a in enumerate(variants) for b in variants[i + 1:]]
+    return vs_base, between
+
+
+# ---------------------------------------------------------------------- sentences
+
+
+def fmt_interval(iv: Interval, fmt: str) -> str:
+    if math.isnan(iv.estimate):
+        return "-"
+    if math.isnan(iv.low):
+        return f"{fmt.format(iv.estimate)} (n={iv.n}, no interval)"
+    what = "bracket" if iv.kind == "bracket" else f"95% CI, n={iv.n}"
+    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}] ({what})"
+
+
+def verdict(key: str, iv: Interval, a: str, b: str, target: float) -> str:
+    """The conclusion the interval supports, or 'not resolved' and why."""
+    if iv.sign == 0:
+        if math.isnan(iv.estimate) or (iv.kind.endswith("CI") and iv.n < 2):
+            why = "fewer than 2 paired seeds: the sweep has no repeats yet (sweep.repeats)"
+        else:
+            why = f"the {'bracket' if iv.kind == 'bracket' else 'CI'} includes 0"
+        return f"not resolved ({why})"
+    up = iv.sign > 0
+    return {
+        "best_val_acc": f"{a} is {'more' if up else 'less'} accurate than {b}",
+        "test_acc": f"{a} is {'more' if up else 'less'} accurate on test than {b}",
+        "epochs_to_converge": f"{a} reaches {target:g} in {'more' if up else 'fewer'} epochs than {b}",
+        "s_per_epoch": f"{a} is {'slower' if up else 'faster'} per epoch than {b}",
+        "time_to_target": f"{a} reaches {target:g} {'later' if up else 'sooner'} in wall time than {b}",
+        "basin": f"{a} has a {'wider' if up else 'narrower'} LR basin than {b}",
+    }[key]
+
+
+def sentences(comp: Comparison, target: float, keys: Sequence[str]) -> list[str]:
+    out = []
+    for key, label, fmt, _ in METRICS:
+        if key in keys:
+            iv = comp.deltas[key]
+            out.append(f"{label}: {fmt_interval(iv, fmt)} → **{verdict(key, iv, comp.a_label, comp.b_label, target)}**")
+    e, t = comp.deltas["epochs_to_converge"].sign, comp.deltas["time_to_target"].sign
+    if e < 0 and t >= 0:
+        out.append(f"*{comp.a_label} is faster in epochs, not in time* (seed 001's observation)")
+    return out
+
+
+# ---------------------------------------------------------------------- the document
+
+
+def _num(v: float, fmt: str = "{:.4f}") -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+
+def _ci_cell(iv: Interval, fmt: str) -> str:
+    if math.isnan(iv.estimate):
+        return "-"
+    if math.isnan(iv.low):
+        return fmt.format(iv.estimate)
+    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]"
+
+
+def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layout: Layout,
+            vs_base: Sequence[Comparison], between: Sequence[Comparison], figs: dict[str, Path],
+            notes: dict[str, str], uri: str, experiment_id: str) -> Document:
+    target, repeats = attrs["target_acc"], attrs.get("repeats", 0)
+    doc = Document(f"BN study report: sweep `{name}`")
+    left = sum(c.waiting for c in cells)
+    lo, hi = attrs["search_range"]
+    doc.para(f"{attrs.get('description') or ''}".strip() or f"Sweep `{name}`.")
+    grid = ", ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in layout.values.items())
+    doc.bullets([
+        f"grid: {grid} ({len(cells)} cells)",
+        f"per cell: {attrs['n_trials']} LR-search trials over `{LR}` ∈ [{lo:g}, {hi:g}] "
+        f"(sampler {attrs['sampler'].get('name')}), {attrs['epochs']} epoch(s) each, target val acc {target:g}; "
+        f"then {repeats} repeats (seeds +1..+{repeats}) at the cell's best LR",
+        f"status: {'complete' if not left else f'**{left} trials not finished**: numbers may change'}; "
+        f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+        f"MLflow: {uri}/#/experiments/{experiment_id}",
+    ])
+
+    doc.heading("Answers")
+    doc.para(f"Each line compares two cells of the same group at their own best learning rates: a difference "
+             f"(first minus second) with its 95% CI over {repeats} paired seeds, or, for the LR basin, the "
+             f"bracket the LR grid allows. A conclusion is stated only where the interval excludes 0.")
+    keys = ("best_val_acc", "epochs_to_converge", "s_per_epoch", "time_to_target", "basin")
+    for g in layout.groups:
+        comps = [c for c in vs_base if c.group == g]
+        others = [c for c in between if c.group == g]
+        if not comps and not others:
+            continue
+        doc.heading(f"{g}", 3)
+        for comp in comps:
+            doc.para(f"**Does BN help? {comp.a_label} vs {comp.b_label}**")
+            doc.bullets(sentences(comp, target, keys))
+        for comp in others:
+            doc.para(f"**Where should BN go? {comp.a_label} vs {comp.b_label}**")
+            doc.bullets(sentences(comp, target, ("best_val_acc", "epochs_to_converge", "basin")))
+    if not vs_base and not between:
+        doc.para("The grid has a single value per key, so there is nothing to compare.")
+
+    doc.heading("Repeats at each cell's best learning rate")
+    doc.para(f"Mean and 95% CI (t-distribution) over the repeats; epochs to target counts a run that never got "
+             f"there as budget + 1 ({attrs['epochs'] + 1}), so such means are lower bounds.")
+    rows = []
+    for c in cells:
+        def ci(key: str, fmt: str, c: CellResult = c) -> str:
+            return _ci_cell(mean_ci(list(c.repeat_values(key).values())), fmt)
+        rows.append([c.name, _num(c.row["best_lr"], "{:.3g}"), str(len(c.repeats)), ci("best_val_acc", "{:.4f}"),
+                     ci("test_acc", "{:.4f}"), ci("epochs_to_converge", "{:.2f}"), ci("s_per_epoch", "{:.3f}"),
+                     ci("time_to_target", "{:.1f}"), _basin_cell(c.basin)])
+    doc.table(["cell", "best lr", "n", "val acc", "test acc", "epochs to target", "s/epoch", "time to target (s)",
+               "LR basin (decades) [bracket]"], rows)
+
+    doc.heading("All differences")
+    diff_rows = [[f"{c.group}: {c.a_label} − {c.b_label}", *[_ci_cell(c.deltas[k], fmt)
+                                                          for k, _, fmt, _ in METRICS]]
+                 for c in [*vs_base, *between]]
+    if diff_rows:
+        doc.table(["comparison", *[f"Δ {label}" for _, label, _, _ in METRICS]], diff_rows)
+
+    doc.heading("Figures")
+    captions = {
+        "heatmap": "Best val accuracy and the test accuracy of that trial, per cell (LR search).",
+        "effects": "Paired differences (first minus second cell) with 95% CIs; the LR basin with its bracket "
+                   "(dotted). Blue: the interval excludes 0; gray: not resolved.",
+        "lr_curves": f"LR-accuracy curves: best val acc of every LR-search trial (o complete, v pruned, x diverged),"
+                     f" repeats as black dots, target {target:g} dashed, the LR basin shaded green.",
+        "learning_curves": "Learning curves at each cell's best LR: val acc per epoch; thin: each repeat, "
+                           "bold: their mean.",
+        "epochs_time": "Epochs to target, seconds per epoch and time to target (their product): mean and 95% CI "
+                       "of the repeats. BN often wins in epochs and loses part of it per epoch.",
+        "importance": "Optuna parameter importance of the grid keys and the LR for best val acc, over all cells' "
+                      "LR-search trials.",
+        "slice": "Optuna slice plot: best val acc of every LR-search trial against each key.",
+        "diag_preact": "Input of each hidden layer's activation (15th-85th percentile band, median line) over "
+                       "training steps, at the best LR: the 'internal covariate shift' view. Sigmoid saturates "
+                       "where |input| > ~4.",
+        "diag_grad": "L2 norm of each layer's weight gradient over training steps (log scale): the "
+                     "vanishing-gradient view.",
+    }
+    for key, path in figs.items():
+        doc.figure(path, captions[key])
+    for note in notes.values():
+        doc.para(f"*{note}*")
+
+    doc.heading("LR search per cell")
+    table_rows = [[summary._cell(r[k], k) for k in summary.COLUMNS] for r in (c.row for c in cells)]
+    doc.table([summary.HEADERS[k] for k in summary.COLUMNS], table_rows)
+
+    doc.heading("How these numbers are made")
+    doc.bullets([
+        "best LR: the LR-search trial with the highest best val acc (the first on ties); its own accuracy is the "
+        "maximum of several trials, so it is optimistic. The repeats (fresh seeds, full budget, no pruning) "
+        "give unbiased estimates at that LR.",
+        "paired comparison: repeat k uses seed + k in every cell (same init stream and batch order), so "
+        "differences are taken seed by seed and the t-interval is over those differences.",
+        "LR basin: decades between the smallest and largest LR whose trial reached the target. It is measured "
+        "once per cell, so its interval is a bracket: each edge lies between the last LR that reached the target "
+        "and the next one tried (or the end of the searched range).",
+        "time to target: epochs to target x mean seconds per epoch of that run (workers run in parallel, so "
+        "seconds are comparable within one sweep only).",
+    ])
+    return doc
+
+
+def _basin_cell(iv: Interval) -> str:
+    if math.isnan(iv.estimate):
+        return "-"
+    return f"{iv.estimate:.2f} [{iv.low:.2f}, {iv.high:.2f}]"
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def combined_study(cells: Sequence[CellResult], layout: Layout, search_range: tuple[float, float]) -> optuna.Study:
+    """All cells' completed LR-search trials in one in-memory study: grid keys as categorical params."""
+    dists: dict[str, optuna.distributions.BaseDistribution] = {
+        k: optuna.distributions.CategoricalDistribution(v) for k, v in layout.values.items() if len(v) > 1}
+    dists["lr"] = optuna.distributions.FloatDistribution(*search_range, log=True)
+    study = optuna.create_study(direction="maximize")
+    for c in cells:
+        for t in c.trials:
+            if t.state == "complete" and search_range[0] <= t.lr <= search_range[1]:
+                params = {k: c.labels[k] for k in dists if k != "lr"} | {"lr": t.lr}
+                study.add_trial(optuna.trial.create_trial(value=t.metrics.get("best_val_acc", 0.0), params=params,
+                                                          distributions=dists))
+    return study
+
+
+def make_report(cfg: DictConfig) -> Path:
+    start = time.perf_counter()
+    sweep = open_sweep(cfg)
+    studies = sorted(sweep.studies, key=lambda s: s.user_attrs.get("order", 0))
+    if not studies:
+        raise ConfigError(f"sweep={sweep.spec.name!r} has no results in {sweep.storage_url}; run it first "
+                          f"(make sweep SWEEP={sweep.spec.name})")
+    attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
+    attrs["description"] = sweep.spec.description
+    dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
+    search_range = (dist.low, dist.high) if dist is not None else (math.nan, math.nan)
+    attrs["search_range"] = search_range
+    target = float(attrs["target_acc"])
+    cells = [collect_cell(s, search_range, target) for s in studies]
+    fetch_mlflow(sweep, cells)
+    layout = Layout.of(cells, list(attrs.get("grid") or studies[0].user_attrs.get("grid") or {}))
+    vs_base, between = comparisons(cells, layout)
+
+    out = Path(cfg.out_dir) / sweep.spec.name.replace("/", "_")
+    out.mkdir(parents=True, exist_ok=True)
+    dpi = int(cfg.dpi)
+    figs: dict[str, Path] = {"heatmap": figures.heatmaps(cells, layout, out / "heatmap.png", dpi)}
+    if vs_base or between:
+        figs["effects"] = figures.effects([*vs_base, *between], [(k, f"Δ {lab}") for k, lab, _, _ in METRICS
+                                                                 if k != "test_acc"], out / "effects.png", dpi)
+    figs["lr_curves"] = figures.lr_curves(cells, layout, target, search_range, out / "lr_curves.png", dpi)
+    figs["learning_curves"] = figures.learning_curves(cells, layout, target, out / "learning_curves.png", dpi)
+    figs["epochs_time"] = figures.epochs_and_time(cells, layout, target, out / "epochs_time.png", dpi)
+    notes = {}
+    made, note = figures.importance_and_slice(combined_study(cells, layout, search_range), out / "importance.png",
+                                              out / "slice.png", dpi)
+    figs |= {p.stem: p for p in made}
+    if note:
+        notes["optuna"] = note
+    diag = figures.diagnostics(cells, layout, out / "diag_preact.png", out / "diag_grad.png", dpi)
+    figs |= {p.stem: p for p in diag}
+    if not diag:
+        notes["diagnostics"] = ("No diagnostics: this sweep ran with train.diagnostics=false (add it to the "
+                                "sweep's base, as sweeps/report.yaml does).")
+
+    doc = compose(sweep.spec.name, attrs, cells, layout, vs_base, between, figs, notes, sweep.uri,
+                  sweep.experiment_id)
+    (out / "report.md").write_text(doc.to_markdown())
+    (out / "report.html").write_text(doc.to_html())
+    files = [out / "report.md", out / "report.html", *figs.values()]
+    if cfg.log_to_mlflow:
+        run_id = sweep.summary_run()
+        for f in files:
+            sweep.client.log_artifact(run_id, str(f), "report")
+    print(f"report: {out / 'report.html'} (+ report.md, {len(figs)} figures) in {time.perf_counter() - start:.1f} s"
+          + (f"; logged to the summary run of {sweep.uri}/#/experiments/{sweep.experiment_id}"
+             if cfg.log_to_mlflow else ""), file=sys.stderr)
+    return out
+
+
+@hydra.main(config_path=CONF_DIR, config_name="report", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        make_report(cfg)
+    except BnsweepError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
