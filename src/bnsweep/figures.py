@@ -65,7 +65,7 @@ def heatmaps(cells: Sequence[CellResult], layout: Layout, path: Path, dpi: int =
             ax.set_xticks(range(len(cols)), cols, rotation=30 if len(cols) > 4 else 0)
             ax.set_yticks(range(len(layout.rows)), layout.rows)
             ax.set_xlabel(layout.col or "")
-            ax.set_ylabel(layout.row)
+            ax.set_ylabel(layout.row if j == 0 else "")
             ax.set_title(title + (f"  ({facet})" if facet else ""), fontsize=10)
     return _save(fig, path, dpi)
 
