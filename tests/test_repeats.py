@@ -6,7 +6,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
 
 from bnsweep import summary
 from bnsweep.errors import ConfigError
@@ -70,3 +69,12 @@ def test_a_better_repeat_never_becomes_the_best_lr(tmp_path: Path) -> None:
     assert best_trial(study.get_trials()).number == 1
     row = summary.cell_row(study, 0.9)
     assert row["best_val_acc"] == 0.95 and row["complete"] == 3 and row["running"] == 0
+
+
+def test_more_lr_trials_after_the_repeats_are_lr_slots_not_repeats(tmp_path: Path) -> None:
+    study, _ = make_study(tmp_path)
+    assert top_up(study, parse({**RAW, "n_trials": 5})) == 2  # slots 3, 4 of the LR search; repeats keep theirs
+    new = study.get_trials()[-2:]
+    assert [t.user_attrs for t in new] == [{"slot": 3}, {"slot": 4}]
+    assert top_up(study, parse({**RAW, "n_trials": 5, "repeats": 3})) == 1
+    assert study.get_trials()[-1].user_attrs == {"slot": 7, "repeat": 3}

@@ -34,7 +34,8 @@ def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
 
 
 def _panels(n_rows: int, n_cols: int, w: float = 3.3, h: float = 2.5, **kw) -> tuple[plt.Figure, np.ndarray]:
-    return plt.subplots(n_rows, n_cols, figsize=(w * n_cols + 0.6, h * n_rows + 0.6), squeeze=False, **kw)
+    return plt.subplots(n_rows, n_cols, figsize=(w * n_cols + 0.6, h * n_rows + 0.6), squeeze=False,
+                        layout="constrained", **kw)
 
 
 def _color(layout: Layout, row: str) -> tuple:
@@ -110,7 +111,7 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=len(labels))
+        fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncol=len(labels))
     return _save(fig, path, dpi)
 
 
@@ -174,7 +175,7 @@ def epochs_and_time(cells: Sequence[CellResult], layout: Layout, target: float, 
         ax.set_title(title, fontsize=10)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     seen = dict(zip(labels, handles, strict=True))
-    fig.legend(seen.values(), seen.keys(), loc="upper right", fontsize=8, ncol=len(seen))
+    fig.legend(seen.values(), seen.keys(), loc="outside upper right", fontsize=8, ncol=len(seen))
     return _save(fig, path, dpi)
 
 

@@ -255,10 +255,14 @@ def verdict(key: str, iv: Interval, a: str, b: str, target: float) -> str:
 
 def sentences(comp: Comparison, target: float, keys: Sequence[str]) -> list[str]:
     out = []
+    never = not any(t.metrics.get("converged") for t in [*comp.a.repeats, *comp.b.repeats])
     for key, label, fmt, _ in METRICS:
         if key in keys:
             iv = comp.deltas[key]
-            out.append(f"{label}: {fmt_interval(iv, fmt)} → **{verdict(key, iv, comp.a_label, comp.b_label, target)}**")
+            say = verdict(key, iv, comp.a_label, comp.b_label, target)
+            if key in ("epochs_to_converge", "time_to_target") and never and iv.n:
+                say = f"not resolved (no repeat of either cell reached {target:g} within the budget)"
+            out.append(f"{label}: {fmt_interval(iv, fmt)} → **{say}**")
     e, t = comp.deltas["epochs_to_converge"].sign, comp.deltas["time_to_target"].sign
     if e < 0 and t >= 0:
         out.append(f"*{comp.a_label} is faster in epochs, not in time* (seed 001's observation)")

@@ -71,23 +71,30 @@ def search_done(trials: list[FrozenTrial], n_trials: int) -> bool:
     return all(s in finished for s in range(n_trials))
 
 
+def _slot(t: FrozenTrial) -> int | tuple[bool, int]:
+    """An LR-search slot number, or (True, k) for repeat k (so n_trials can grow after repeats ran)."""
+    return (True, t.user_attrs["repeat"]) if is_repeat(t) else t.user_attrs.get("slot")
+
+
 def top_up(study: optuna.Study, spec: SweepSpec) -> int:
     """Enqueue a WAITING trial for every slot that no live trial holds; return how many.
 
-    Slots ``n_trials ..`` are the repeats: their LR (the cell's best) and seed are set when claimed.
+    Repeats 1..``repeats`` come after (slots ``n_trials ..``); their LR (the cell's best) and seed are
+    set when claimed.
     """
     trials = study.get_trials(deepcopy=False)
-    held = {t.user_attrs.get("slot") for t in trials if live(t)}
-    retry = {t.user_attrs["slot"]: t for t in trials if not live(t) and "slot" in t.user_attrs}
+    held = {_slot(t) for t in trials if live(t)}
+    retry = {_slot(t): t for t in trials if not live(t) and "slot" in t.user_attrs}
     fixed = spec.fixed_params()
     added = 0
-    for slot in range(spec.n_trials + spec.repeats):
+    for slot in [*range(spec.n_trials), *((True, k) for k in range(1, spec.repeats + 1))]:
         if slot in held:
             continue
-        attrs: dict[str, Any] = {"slot": slot}
-        params = fixed[slot] if slot < spec.n_trials else {}
-        if slot >= spec.n_trials:
-            attrs["repeat"] = slot - spec.n_trials + 1
+        if isinstance(slot, tuple):
+            attrs: dict[str, Any] = {"slot": spec.n_trials + slot[1] - 1, "repeat": slot[1]}
+            params = {}
+        else:
+            attrs, params = {"slot": slot}, fixed[slot]
         if slot in retry:  # same parameters as the lost attempt: a retry, not a new sample
             params = retry[slot].params or params
             attrs["retry_of"] = retry[slot].number
