@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -180,3 +181,62 @@ def test_lr_basin_bracket_is_the_grid_resolution() -> None:
     assert (none.estimate, none.low, none.high) == (0.0, 0.0, pytest.approx(2.0))  # the widest gap
     d = bracket_diff(Interval(1.0, 1.0, 3.0, 4, "bracket"), Interval(0.0, 0.0, 0.5, 4, "bracket"))
     assert (d.low, d.high, d.sign) == (0.5, 3.0, 1)
+
+
+# ---------------------------------------------------------------------- any grid shape (no training)
+
+
+def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
+    """Cells with LR curves, seed-paired repeats and diagnostics; ``gain`` adds accuracy per grid label."""
+    from bnsweep import summary
+    from bnsweep.report import CellResult, TrialResult
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.002, 3)  # the same per-seed noise in every cell: pairing removes it
+    cells = []
+    for combo in itertools.product(*grid.values()):
+        labels = dict(zip([k.rsplit(".", 1)[-1] for k in grid], combo, strict=True))
+        top = 0.85 + sum(gain.get(v, 0.0) for v in combo)
+        lrs = np.logspace(-3, 1, 6)
+        accs = top - 0.1 * (np.log10(lrs) + 1) ** 2
+        trials = [TrialResult(i, float(lr), "complete", {"best_val_acc": float(a), "test_acc": float(a) - 0.01,
+                                                        "epochs_to_converge": 2, "s_per_epoch": 0.5, "converged": 1},
+                              None) for i, (lr, a) in enumerate(zip(lrs, accs, strict=True))]
+        best = max(trials, key=lambda t: t.metrics["best_val_acc"])
+        repeats = [TrialResult(10 + k, best.lr, "complete", {**best.metrics, "best_val_acc": top + noise[k - 1]},
+                               None, repeat=k, val_acc=[top - 0.2, top - 0.05, top]) for k in (1, 2, 3)]
+        diag = [{"step": s, "epoch": 1, "layer": layer, "p15": -1.0 - s / 100, "p50": 0.0, "p85": 1.0 + s / 100,
+                 "grad_norm": 1.0 / (s + 1)} for s in range(0, 100, 10) for layer in ("fc1", "fc2")]
+        name = ",".join(f"{k}={v}" for k, v in labels.items())
+        row = {k: math.nan for k in summary.COLUMNS} | {"cell": name, "best_lr": best.lr, "best_val_acc": top,
+                                                         "test_acc": top - 0.01}
+        basin = basin_bracket(list(lrs), list(accs), 0.8, 1e-3, 10.0)
+        cells.append(CellResult(name, labels, row, trials, repeats, best, basin, diag))
+    return cells
+
+
+@pytest.mark.parametrize("grid", [
+    {"model.bn.placement": ["none", "before_act"], "model.activation": ["sigmoid", "relu"],
+     "model.init": ["he_normal", "normal"]},
+    {"optimizer": ["sgd", "adam", "rmsprop"]},
+])
+def test_report_renders_any_grid_shape(grid: dict[str, list[str]], tmp_path: Path) -> None:
+    from bnsweep.report import render
+
+    attrs = {"target_acc": 0.8, "search_range": (1e-3, 10.0), "grid": dict.fromkeys(grid), "n_trials": 6,
+             "epochs": 3, "repeats": 3, "sampler": {"name": "grid"}, "description": "synthetic"}
+    files = render("synthetic", attrs, fake_cells(grid, {"before_act": 0.05, "adam": 0.03}), tmp_path, 60, "-")
+    assert {f.stem for f in files if f.suffix == ".png"} == FIGURES
+    for f in files:
+        if f.suffix == ".png":
+            check_png(f, (100, 80))
+    md = (tmp_path / "report.md").read_text()
+    if "model.init" in grid:  # facets: one heatmap row per init, a comparison per (activation, init)
+        assert "### activation=relu, init=normal" in md
+        assert md.count("Does BN help? before_act vs none") == 4
+        assert md.count("before_act is more accurate than none") == 4  # +0.05 on every paired seed
+    else:  # no BN key: the first key's values are compared with its first value, without BN wording
+        assert "Does BN help?" not in md and "**adam vs sgd**" in md
+        assert "adam is more accurate than sgd" in md
+        line = next(x for x in md.splitlines() if x.startswith("- best val acc:") and "+0.0000" in x)
+        assert "not resolved" in line  # rmsprop - sgd: no difference at all

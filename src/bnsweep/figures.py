@@ -27,8 +27,9 @@ DPI = 100
 COLORS = plt.get_cmap("tab10").colors
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+def _save(fig: plt.Figure, path: Path, dpi: int, tight: bool = False) -> Path:
+    # Our figures use constrained layout, which fits everything in one draw; "tight" draws twice.
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return path
 
@@ -216,7 +217,7 @@ def importance_and_slice(study, path_imp: Path, path_slice: Path, dpi: int = DPI
                 warnings.simplefilter("ignore")
                 ax = plot(study)
             first = ax.flat[0] if isinstance(ax, np.ndarray) else ax
-            made.append(_save(first.figure, path, dpi))
+            made.append(_save(first.figure, path, dpi, tight=True))
         except Exception as e:  # e.g. too few completed trials for an importance estimate
             plt.close("all")
             notes.append(f"{plot.__name__} could not be drawn: {type(e).__name__}: {str(e).splitlines()[0][:200]}")

@@ -138,7 +138,10 @@ def fetch_mlflow(sweep: Sweep, cells: Sequence[CellResult]) -> None:
             jobs.append(lambda c=c: diag(c, c.best.run_id))
     with ThreadPoolExecutor(max_workers=8) as pool:
         for f in [pool.submit(j) for j in jobs]:
-            f.result()
+            try:
+                f.result()
+            except Exception as e:  # a deleted run: its curve is missing, the report goes on
+                log.warning("MLflow: %s", str(e).splitlines()[0][:300])
 
 
 # ---------------------------------------------------------------------- layout and comparisons
@@ -154,6 +157,7 @@ class Layout:
     col: str | None
     facet_keys: list[str]
     baseline: str
+    bn: bool = True  # the rows are BN variants (else the first gridded key, compared the same way)
     groups: list[str] = field(default_factory=list)
     facets: list[str] = field(default_factory=list)
 
@@ -167,7 +171,7 @@ class Layout:
         others = [k for k in keys if k != row]
         col = "activation" if "activation" in others else (others[0] if others else None)
         baseline = next((v for v in values[row] if v in ("none", "false")), values[row][0])
-        layout = cls(keys, values, row, col, [k for k in others if k != col], baseline)
+        layout = cls(keys, values, row, col, [k for k in others if k != col], baseline, bool(bn))
         layout.groups = list(dict.fromkeys(layout.group(c) for c in cells))
         layout.facets = list(dict.fromkeys(layout.facet_of(c) for c in cells))
         return layout
@@ -286,7 +290,7 @@ def _ci_cell(iv: Interval, fmt: str) -> str:
 
 def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layout: Layout,
             vs_base: Sequence[Comparison], between: Sequence[Comparison], figs: dict[str, Path],
-            notes: dict[str, str], uri: str, experiment_id: str) -> Document:
+            notes: dict[str, str], link: str) -> Document:
     target, repeats = attrs["target_acc"], attrs.get("repeats", 0)
     doc = Document(f"BN study report: sweep `{name}`")
     left = sum(c.waiting for c in cells)
@@ -300,7 +304,7 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         f"then {repeats} repeats (seeds +1..+{repeats}) at the cell's best LR",
         f"status: {'complete' if not left else f'**{left} trials not finished**: numbers may change'}; "
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
-        f"MLflow: {uri}/#/experiments/{experiment_id}",
+        f"MLflow: {link}",
     ])
 
     doc.heading("Answers")
@@ -315,10 +319,10 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
             continue
         doc.heading(f"{g}", 3)
         for comp in comps:
-            doc.para(f"**Does BN help? {comp.a_label} vs {comp.b_label}**")
+            doc.para(f"**{'Does BN help? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
             doc.bullets(sentences(comp, target, keys))
         for comp in others:
-            doc.para(f"**Where should BN go? {comp.a_label} vs {comp.b_label}**")
+            doc.para(f"**{'Where should BN go? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
             doc.bullets(sentences(comp, target, ("best_val_acc", "epochs_to_converge", "basin")))
     if not vs_base and not between:
         doc.para("The grid has a single value per key, so there is nothing to compare.")
@@ -412,27 +416,13 @@ def combined_study(cells: Sequence[CellResult], layout: Layout, search_range: tu
     return study
 
 
-def make_report(cfg: DictConfig) -> Path:
-    start = time.perf_counter()
-    sweep = open_sweep(cfg)
-    studies = sorted(sweep.studies, key=lambda s: s.user_attrs.get("order", 0))
-    if not studies:
-        raise ConfigError(f"sweep={sweep.spec.name!r} has no results in {sweep.storage_url}; run it first "
-                          f"(make sweep SWEEP={sweep.spec.name})")
-    attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
-    attrs["description"] = sweep.spec.description
-    dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
-    search_range = (dist.low, dist.high) if dist is not None else (math.nan, math.nan)
-    attrs["search_range"] = search_range
-    target = float(attrs["target_acc"])
-    cells = [collect_cell(s, search_range, target) for s in studies]
-    fetch_mlflow(sweep, cells)
-    layout = Layout.of(cells, list(attrs.get("grid") or studies[0].user_attrs.get("grid") or {}))
+def render(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], out: Path, dpi: int,
+           link: str) -> list[Path]:
+    """Figures, report.md and report.html for collected cells; returns the files written."""
+    target, search_range = float(attrs["target_acc"]), attrs["search_range"]
+    layout = Layout.of(cells, list(attrs.get("grid") or {}))
     vs_base, between = comparisons(cells, layout)
-
-    out = Path(cfg.out_dir) / sweep.spec.name.replace("/", "_")
     out.mkdir(parents=True, exist_ok=True)
-    dpi = int(cfg.dpi)
     figs: dict[str, Path] = {"heatmap": figures.heatmaps(cells, layout, out / "heatmap.png", dpi)}
     if vs_base or between:
         figs["effects"] = figures.effects([*vs_base, *between], [(k, f"Δ {lab}") for k, lab, _, _ in METRICS
@@ -451,17 +441,36 @@ def make_report(cfg: DictConfig) -> Path:
     if not diag:
         notes["diagnostics"] = ("No diagnostics: this sweep ran with train.diagnostics=false (add it to the "
                                 "sweep's base, as sweeps/report.yaml does).")
-
-    doc = compose(sweep.spec.name, attrs, cells, layout, vs_base, between, figs, notes, sweep.uri,
-                  sweep.experiment_id)
+    doc = compose(name, attrs, cells, layout, vs_base, between, figs, notes, link)
     (out / "report.md").write_text(doc.to_markdown())
     (out / "report.html").write_text(doc.to_html())
-    files = [out / "report.md", out / "report.html", *figs.values()]
+    return [out / "report.md", out / "report.html", *figs.values()]
+
+
+def make_report(cfg: DictConfig) -> Path:
+    start = time.perf_counter()
+    sweep = open_sweep(cfg)
+    studies = sorted(sweep.studies, key=lambda s: s.user_attrs.get("order", 0))
+    if not studies:
+        raise ConfigError(f"sweep={sweep.spec.name!r} has no results in {sweep.storage_url}; run it first "
+                          f"(make sweep SWEEP={sweep.spec.name})")
+    attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
+    attrs["description"] = sweep.spec.description
+    dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
+    search_range = (dist.low, dist.high) if dist is not None else (math.nan, math.nan)
+    attrs["search_range"] = search_range
+    target = float(attrs["target_acc"])
+    cells = [collect_cell(s, search_range, target) for s in studies]
+    fetch_mlflow(sweep, cells)
+    out = Path(cfg.out_dir) / sweep.spec.name.replace("/", "_")
+    files = render(sweep.spec.name, attrs, cells, out, int(cfg.dpi),
+                   f"{sweep.uri}/#/experiments/{sweep.experiment_id}")
     if cfg.log_to_mlflow:
         run_id = sweep.summary_run()
         for f in files:
             sweep.client.log_artifact(run_id, str(f), "report")
-    print(f"report: {out / 'report.html'} (+ report.md, {len(figs)} figures) in {time.perf_counter() - start:.1f} s"
+    took = time.perf_counter() - start
+    print(f"report: {out / 'report.html'} (+ report.md, {len(files) - 2} figures) in {took:.1f} s"
           + (f"; logged to the summary run of {sweep.uri}/#/experiments/{sweep.experiment_id}"
              if cfg.log_to_mlflow else ""), file=sys.stderr)
     return out
