@@ -17,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from bnsweep.stats import Interval, mean_ci  # noqa: E402
 
@@ -86,11 +88,10 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
         for state, marker in (("complete", "o"), ("pruned", "v"), ("diverged", "x")):
             sel = [p for p in pts if p[2] == state]
             if sel:
-                ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=marker, color=color, s=22, zorder=3,
-                           label=state)
+                ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=marker, color=color, s=22, zorder=3)
         reps = [(t.lr, t.metrics.get("best_val_acc", math.nan)) for t in c.repeats if t.metrics]
         if reps:
-            ax.scatter(*zip(*reps, strict=True), marker=".", color="black", s=18, zorder=4, label="repeats")
+            ax.scatter(*zip(*reps, strict=True), marker=".", color="black", s=18, zorder=4)
         ok = [p[0] for p in pts if p[1] >= target]
         if ok:
             lo, hi = min(ok), max(ok)
@@ -105,14 +106,11 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
         ax.set_xlabel("learning rate")
     for ax in axes[:, 0]:
         ax.set_ylabel("best val acc")
-    handles, labels = [], []
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
-    if handles:
-        fig.legend(handles, labels, loc="outside upper right", fontsize=8, ncol=len(labels))
+    shown = {t.state for c in cells for t in c.trials} | ({"repeats"} if any(c.repeats for c in cells) else set())
+    handles = [Line2D([], [], ls="", marker=m, color="gray" if k != "repeats" else "black", label=k)
+               for k, m in (("complete", "o"), ("pruned", "v"), ("diverged", "x"), ("repeats", ".")) if k in shown]
+    handles.append(Patch(color="tab:green", alpha=0.15, label="LR basin"))
+    fig.legend(handles=handles, loc="outside upper right", fontsize=8, ncol=len(handles))
     return _save(fig, path, dpi)
 
 
