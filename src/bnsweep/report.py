@@ -227,12 +227,14 @@ def combined_study(cells: Sequence[CellResult], layout: Layout, search_range: tu
     """All cells' completed LR-search trials in one in-memory study: grid keys as categorical params."""
     dists: dict[str, optuna.distributions.BaseDistribution] = {
         k: optuna.distributions.CategoricalDistribution(v) for k, v in layout.values.items() if len(v) > 1}
-    dists["lr"] = optuna.distributions.FloatDistribution(*search_range, log=True)
+    has_lr = all(math.isfinite(x) and x > 0 for x in search_range)  # else the sweep searched another key
+    if has_lr:
+        dists["lr"] = optuna.distributions.FloatDistribution(*search_range, log=True)
     study = optuna.create_study(direction="maximize")
     for c in cells:
         for t in c.trials:
-            if t.state == "complete" and search_range[0] <= t.lr <= search_range[1]:
-                params = {k: c.labels[k] for k in dists if k != "lr"} | {"lr": t.lr}
+            if t.state == "complete" and (not has_lr or search_range[0] <= t.lr <= search_range[1]):
+                params = {k: c.labels[k] for k in dists if k != "lr"} | ({"lr": t.lr} if has_lr else {})
                 study.add_trial(optuna.trial.create_trial(value=t.metrics.get("best_val_acc", 0.0), params=params,
                                                           distributions=dists))
     return study
