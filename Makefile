@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-bnsweep
 ARGS ?=
 SWEEP ?= default
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup sweep train test bench ui down lint clean
+.PHONY: setup sweep report train test bench ui down lint clean chromium
 
 setup: $(STAMP)
 
@@ -23,10 +24,13 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)  ## a study: make sweep SWEEP=placement_x_activation ARGS="workers=2"
 	$(PY) -m bnsweep.sweep sweep=$(SWEEP) $(ARGS)
 
+report: $(STAMP)  ## the study report of a sweep (reads it, never trains): make report SWEEP=default
+	$(PY) -m bnsweep.report sweep=$(SWEEP) $(ARGS)
+
 train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 	$(PY) -m bnsweep.train $(ARGS)
 
-test: $(STAMP)  ## the whole suite, CPU only; starts (and stops) its own MLflow server
+test: $(STAMP) chromium  ## the whole suite, CPU only; starts (and stops) its own MLflow server
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q $(ARGS)
 
@@ -41,6 +45,9 @@ down: $(STAMP)  ## stop the local MLflow server
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests
+
+chromium:  ## headless Chromium (Debian package), which the report test renders report.html with
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -35,3 +38,20 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     uri = server.start()
     yield uri
     server.stop()
+
+
+def sweep_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bnsweep.sweep", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The `tiny` sweep run once for the session (2 cells x (3 LR trials + 2 repeats), diagnostics on).
+
+    Shared by the sweep tests (exact counts) and the report tests, so the suite pays for it once.
+    """
+    store = tmp_path_factory.mktemp("tiny_sweep")
+    args = ["sweep=tiny", "sweep.name=t_tiny", "workers=2", f"tracking.uri={mlflow_server}",
+            f"tracking.store_dir={store}", 'overrides=["train.diagnostics=true","train.diagnostics_every=5"]']
+    return SimpleNamespace(name="t_tiny", store=store, uri=mlflow_server, args=args, result=sweep_cli(*args))

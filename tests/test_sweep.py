@@ -11,24 +11,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
-from conftest import ROOT, make_cfg
+from conftest import ROOT, make_cfg, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from bnsweep import summary
 from bnsweep.errors import ConfigError
 from bnsweep.metrics import lr_basin_decades
-from bnsweep.studies import default_storage, open_storage, sweep_studies
+from bnsweep.studies import best_trial, default_storage, is_repeat, open_storage, sweep_studies
 from bnsweep.sweepdef import parse
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
-
-
-def sweep_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bnsweep.sweep", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
 
 
 def studies_of(store: Path, name: str) -> list[optuna.Study]:
@@ -148,17 +145,24 @@ def test_parallel_workers_claim_each_enqueued_trial_exactly_once(tmp_path: Path)
 # ---------------------------------------------------------------------- real sweeps
 
 
-def test_tiny_sweep_two_workers_exact_counts(mlflow_server: str, tmp_path: Path) -> None:
-    out = sweep_cli("sweep=tiny", "sweep.name=t_counts", "workers=2", f"tracking.uri={mlflow_server}",
-                    f"tracking.store_dir={tmp_path}")
+def test_tiny_sweep_two_workers_exact_counts(tiny_sweep: SimpleNamespace) -> None:
+    out, name, tmp_path, mlflow_server = tiny_sweep.result, tiny_sweep.name, tiny_sweep.store, tiny_sweep.uri
     assert out.returncode == 0, out.stderr[-3000:]
-    studies = studies_of(tmp_path, "t_counts")
-    assert sorted(s.study_name for s in studies) == ["t_counts/placement=before_act", "t_counts/placement=none"]
+    studies = studies_of(tmp_path, name)
+    assert sorted(s.study_name for s in studies) == [f"{name}/placement=before_act", f"{name}/placement=none"]
     for s in studies:
-        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 3
-        assert sorted(t.user_attrs["slot"] for t in s.trials) == [0, 1, 2]
-    runs = runs_by_role(mlflow_server, "t_counts")
-    assert len(runs["cell"]) == 2 and len(runs["summary"]) == 1 and len(runs["trial"]) == 6
+        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 5
+        assert sorted(t.user_attrs["slot"] for t in s.trials) == [0, 1, 2, 3, 4]
+        # slots 3, 4: the best LR again with seeds 1, 2; they never become the cell's best LR trial
+        best, repeats = best_trial(s.trials), [t for t in s.trials if is_repeat(t)]
+        assert not is_repeat(best) and best.number < 3
+        assert sorted(t.user_attrs["seed"] for t in repeats) == [1, 2]
+        assert all(t.params == best.params and t.user_attrs["repeat_of"] == best.number for t in repeats)
+        row = summary.cell_row(s, 0.8)
+        assert row["complete"] == 3 and row["running"] == 0 and row["best_lr"] == best.params["optimizer.lr"]
+    runs = runs_by_role(mlflow_server, name)
+    assert len(runs["cell"]) == 2 and len(runs["summary"]) == 1 and len(runs["trial"]) == 10
+    assert sorted(r.data.tags.get("bnsweep.repeat", "-") for r in runs["trial"]) == ["-"] * 6 + ["1", "1", "2", "2"]
     parents = {r.info.run_id for r in runs["cell"]}
     client = MlflowClient(mlflow_server)
     for r in runs["trial"]:
@@ -167,9 +171,9 @@ def test_tiny_sweep_two_workers_exact_counts(mlflow_server: str, tmp_path: Path)
             r.data.metrics)
         assert "test_acc_batch1" not in r.data.metrics  # small-batch evaluation: single runs only
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
-        assert r.data.tags["optuna.study"].startswith("t_counts/")
+        assert r.data.tags["optuna.study"].startswith(f"{name}/")
     trial_ids = {(r.data.tags["optuna.study"], int(r.data.tags["optuna.trial"])) for r in runs["trial"]}
-    assert len(trial_ids) == 6
+    assert len(trial_ids) == 10
     for r in runs["cell"]:
         assert {"best_lr", "best_val_acc", "lr_basin_decades", "s_per_epoch"} <= set(r.data.metrics)
     arts = {a.path for a in client.list_artifacts(runs["summary"][0].info.run_id)}
@@ -183,15 +187,14 @@ def test_tiny_sweep_two_workers_exact_counts(mlflow_server: str, tmp_path: Path)
         assert float(row["precise_bn_gain"]) == pytest.approx(m["test_acc_precise"] - m["test_acc"], abs=1e-9)
     assert "| placement=none |" in out.stdout and "dashboard: http://127.0.0.1" in out.stdout
 
-    again = sweep_cli("sweep=tiny", "sweep.name=t_counts", "workers=2", f"tracking.uri={mlflow_server}",
-                      f"tracking.store_dir={tmp_path}")
+    again = sweep_cli(*tiny_sweep.args)
     assert again.returncode == 0
-    assert [len(s.trials) for s in studies_of(tmp_path, "t_counts")] == [3, 3]  # nothing repeated
-    assert len(runs_by_role(mlflow_server, "t_counts")["trial"]) == 6
+    assert [len(s.trials) for s in studies_of(tmp_path, name)] == [5, 5]  # nothing repeated
+    assert len(runs_by_role(mlflow_server, name)["trial"]) == 10
 
 
 def test_sigkilled_worker_is_retried_and_resume_completes(mlflow_server: str, tmp_path: Path) -> None:
-    args = ["sweep=tiny", "sweep.name=t_kill", "workers=2", "sweep.epochs=3", "sweep.n_trials=3",
+    args = ["sweep=tiny", "sweep.name=t_kill", "workers=2", "sweep.epochs=3", "sweep.n_trials=3", "sweep.repeats=0",
             'overrides=["data.limit_train=20000"]', f"tracking.uri={mlflow_server}", f"tracking.store_dir={tmp_path}"]
     driver = subprocess.Popen([sys.executable, "-m", "bnsweep.sweep", *args], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -229,7 +232,7 @@ def test_sigkilled_worker_is_retried_and_resume_completes(mlflow_server: str, tm
 def test_cli_worker_records_diverging_learning_rates(mlflow_server: str, tmp_path: Path) -> None:
     """`action=status` prepares and enqueues; the stand-alone worker command (as on a cluster) runs it."""
     name = "t_diverge"
-    prep = sweep_cli("sweep=tiny", f"sweep.name={name}", "action=status", "sweep.n_trials=2",
+    prep = sweep_cli("sweep=tiny", f"sweep.name={name}", "action=status", "sweep.n_trials=2", "sweep.repeats=0",
                      "sweep.grid={model.bn.placement:[none]}",
                      "sweep.search={optimizer.lr:{low:1000,high:10000,log:true}}", f"tracking.uri={mlflow_server}",
                      f"tracking.store_dir={tmp_path}")

@@ -77,6 +77,7 @@ def bench_sweep(workers: int, n_trials: int, uri: str, store: str, rep: int = 0)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("run_sweep", overrides=[
             "sweep=tiny", f"sweep.name=bench_w{workers}_r{rep}", f"sweep.n_trials={n_trials}", "sweep.epochs=1",
+            "sweep.repeats=0",  # LR-search trials only: what the trials/hour figures have always meant
             'overrides=["data.limit_train=null"]', f"workers={workers}", f"tracking.uri={uri}",
             f"tracking.store_dir={store}"])
         sweep = open_sweep(cfg)

@@ -54,18 +54,47 @@ def live(t: FrozenTrial) -> bool:
     return not (t.state == TrialState.FAIL and t.user_attrs.get("lost"))
 
 
+def is_repeat(t: FrozenTrial) -> bool:
+    """A re-run of the cell's best LR with a fresh seed (slots n_trials..), not an LR-search trial."""
+    return "repeat" in t.user_attrs
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The cell's best LR-search trial (the first one on ties); repeats never count."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and not is_repeat(t)]
+    return max(done, key=lambda t: t.value) if done else None
+
+
+def search_done(trials: list[FrozenTrial], n_trials: int) -> bool:
+    """Every LR-search slot holds a finished trial: the best LR is final and its repeats may run."""
+    finished = {t.user_attrs.get("slot") for t in trials if live(t) and not is_repeat(t) and t.state.is_finished()}
+    return all(s in finished for s in range(n_trials))
+
+
+def _slot(t: FrozenTrial) -> int | tuple[bool, int]:
+    """An LR-search slot number, or (True, k) for repeat k (so n_trials can grow after repeats ran)."""
+    return (True, t.user_attrs["repeat"]) if is_repeat(t) else t.user_attrs.get("slot")
+
+
 def top_up(study: optuna.Study, spec: SweepSpec) -> int:
-    """Enqueue a WAITING trial for every slot that no live trial holds; return how many."""
+    """Enqueue a WAITING trial for every slot that no live trial holds; return how many.
+
+    Repeats 1..``repeats`` come after (slots ``n_trials ..``); their LR (the cell's best) and seed are
+    set when claimed.
+    """
     trials = study.get_trials(deepcopy=False)
-    held = {t.user_attrs.get("slot") for t in trials if live(t)}
-    retry = {t.user_attrs["slot"]: t for t in trials if not live(t) and "slot" in t.user_attrs}
+    held = {_slot(t) for t in trials if live(t)}
+    retry = {_slot(t): t for t in trials if not live(t) and "slot" in t.user_attrs}
     fixed = spec.fixed_params()
     added = 0
-    for slot in range(spec.n_trials):
+    for slot in [*range(spec.n_trials), *((True, k) for k in range(1, spec.repeats + 1))]:
         if slot in held:
             continue
-        attrs: dict[str, Any] = {"slot": slot}
-        params = fixed[slot]
+        if isinstance(slot, tuple):
+            attrs: dict[str, Any] = {"slot": spec.n_trials + slot[1] - 1, "repeat": slot[1]}
+            params = {}
+        else:
+            attrs, params = {"slot": slot}, fixed[slot]
         if slot in retry:  # same parameters as the lost attempt: a retry, not a new sample
             params = retry[slot].params or params
             attrs["retry_of"] = retry[slot].number
@@ -75,8 +104,17 @@ def top_up(study: optuna.Study, spec: SweepSpec) -> int:
 
 
 def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
-    """Take one WAITING trial of ``study`` (atomic: two workers never get the same one)."""
+    """Take one WAITING trial of ``study`` (atomic: two workers never get the same one).
+
+    Repeats wait until the cell's LR search is done.
+    """
+    ready = None
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if is_repeat(t):
+            if ready is None:
+                ready = search_done(study.get_trials(deepcopy=False), study.user_attrs.get("n_trials", 0))
+            if not ready:
+                continue
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 trial = optuna.Trial(study, t._trial_id)
@@ -110,6 +148,13 @@ def is_lost(t: FrozenTrial, stale_after_s: float, now: float | None = None) -> b
     return (now or time.time()) - beat > stale_after_s
 
 
+def repeats_blocked(study: optuna.Study, stale_after_s: float = 900.0) -> bool:
+    """Repeats wait for an LR-search trial still running elsewhere: a worker should wait, not exit."""
+    trials = study.get_trials(deepcopy=False)
+    return any(is_repeat(t) and t.state == TrialState.WAITING for t in trials) and any(
+        not is_repeat(t) and t.state == TrialState.RUNNING and not is_lost(t, stale_after_s) for t in trials)
+
+
 def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> list[FrozenTrial]:
     """Mark lost trials FAIL (attr ``lost``) so that ``top_up`` enqueues their slots again."""
     lost = []
@@ -125,9 +170,9 @@ def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float
     return lost
 
 
-def counts(study: optuna.Study) -> Counter:
+def counts(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Counter:
     c: Counter = Counter()
-    for t in study.get_trials(deepcopy=False):
+    for t in study.get_trials(deepcopy=False) if trials is None else trials:
         key = "lost" if not live(t) else t.state.name.lower()
         if t.user_attrs.get("diverged"):
             key = "diverged"

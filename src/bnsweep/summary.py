@@ -13,7 +13,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bnsweep.metrics import lr_basin_decades
-from bnsweep.studies import counts
+from bnsweep.studies import best_trial, counts, is_repeat
 
 LR_KEY = "optimizer.lr"
 COLUMNS = ["cell", "best_lr", "best_val_acc", "test_acc", "epochs_to_converge", "median_epochs_to_converge",
@@ -21,16 +21,20 @@ COLUMNS = ["cell", "best_lr", "best_val_acc", "test_acc", "epochs_to_converge", 
 
 
 def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:
-    """Summarize one cell's finished trials (complete ones for 'best'; pruned ones count for the basin)."""
-    trials = study.get_trials(deepcopy=False)
+    """Summarize one cell's LR search (complete trials for 'best'; pruned ones count for the basin).
+
+    Repeats (extra seeds at the best LR, see studies.top_up) only count in 'left'; the report uses them.
+    """
+    every = study.get_trials(deepcopy=False)
+    trials = [t for t in every if not is_repeat(t)]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     measured = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "metrics" in t.user_attrs]
-    c = counts(study)
+    c, left = counts(study, trials), counts(study, every)
     row: dict[str, Any] = {"cell": study.user_attrs.get("cell", study.study_name),
                            "complete": c["complete"], "pruned": c["pruned"], "diverged": c["diverged"],
-                           "failed": c["fail"], "running": c["running"] + c["waiting"]}
+                           "failed": c["fail"], "running": left["running"] + left["waiting"]}
     if done:
-        best = max(done, key=lambda t: t.value)
+        best = best_trial(trials)
         m = best.user_attrs.get("metrics", {})
         row |= {"best_lr": best.params.get(LR_KEY, math.nan), "best_val_acc": best.value,
                 "test_acc": m.get("test_acc", math.nan), "precise_bn_gain": m.get("precise_bn_gain", math.nan),

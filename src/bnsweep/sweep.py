@@ -144,7 +144,7 @@ class Sweep:
 
     def run_workers(self, n_workers: int, quiet: bool = False) -> float:
         """Run local workers to the end with one progress bar; return the wall time."""
-        total = self.spec.n_trials * len(self.spec.cells())
+        total = (self.spec.n_trials + self.spec.repeats) * len(self.spec.cells())
         start = time.perf_counter()
         procs = [self.spawn(k) for k in range(n_workers)]
         respawns = n_workers
@@ -213,14 +213,18 @@ class Sweep:
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.md").write_text(md)
         (out / "summary.csv").write_text(csv)
-        runs = self.client.search_runs([self.experiment_id], "tags.`bnsweep.role` = 'summary'")
-        run_id = runs[0].info.run_id if runs else self.client.create_run(
-            self.experiment_id, run_name=f"{self.spec.name} summary",
-            tags={"bnsweep.sweep": self.spec.name, "bnsweep.role": "summary"}).info.run_id
+        run_id = self.summary_run()
         self.client.log_text(run_id, md, "summary.md")
         self.client.log_text(run_id, csv, "summary.csv")
         self.client.set_terminated(run_id, "FINISHED")
         return rows
+
+    def summary_run(self) -> str:
+        """The sweep-level MLflow run (table, report): found by its tag, created the first time."""
+        runs = self.client.search_runs([self.experiment_id], "tags.`bnsweep.role` = 'summary'")
+        return runs[0].info.run_id if runs else self.client.create_run(
+            self.experiment_id, run_name=f"{self.spec.name} summary",
+            tags={"bnsweep.sweep": self.spec.name, "bnsweep.role": "summary"}).info.run_id
 
     def timing(self) -> dict[str, float]:
         """Summed fit time, trials run, and summed claim-to-finish time (for the overhead figures)."""
@@ -248,12 +252,12 @@ def resolve_tracking(cfg: DictConfig) -> str:
 
 def open_sweep(cfg: DictConfig) -> Sweep:
     spec = parse(cfg.sweep, list(cfg.overrides or []))
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = cfg.get("workers") or len(os.sched_getaffinity(0))
     if workers < 1:
         raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
     store = Path(cfg.tracking.store_dir).resolve()
     url = cfg.storage or default_storage(store, spec.name)
-    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.stale_after_s), workers)
+    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.get("stale_after_s", 900)), workers)
 
 
 def run(cfg: DictConfig) -> list[dict]:

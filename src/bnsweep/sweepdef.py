@@ -115,6 +115,7 @@ class SweepSpec:
     epochs: int = 3
     target_acc: float = 0.9
     description: str = ""
+    repeats: int = 0  # extra seeds at the cell's best LR, once its LR search is done (slots n_trials..)
 
     # ------------------------------------------------------------------ cells
 
@@ -173,6 +174,7 @@ class SweepSpec:
         """What a worker needs, as JSON for the study's user attributes."""
         return {"sweep": self.name, "sampler": self.sampler, "pruner": self.pruner,
                 "n_trials": self.n_trials, "epochs": self.epochs, "target_acc": self.target_acc,
+                "repeats": self.repeats,
                 "search": {p.key: optuna.distributions.distribution_to_json(p.dist) for p in self.params}}
 
     @classmethod
@@ -180,7 +182,7 @@ class SweepSpec:
         params = [Param(k, optuna.distributions.json_to_distribution(v)) for k, v in attrs["search"].items()]
         return cls(name=attrs["sweep"], grid={}, params=params, sampler=dict(attrs["sampler"]),
                    pruner=dict(attrs["pruner"]), n_trials=attrs["n_trials"], epochs=attrs["epochs"],
-                   target_acc=attrs["target_acc"])
+                   target_acc=attrs["target_acc"], repeats=attrs.get("repeats", 0))
 
 
 # ---------------------------------------------------------------------- parsing
@@ -260,7 +262,8 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
                      pruner=pruner, n_trials=check_range("sweep.n_trials", raw.get("n_trials", 8), 1),
                      epochs=check_range("sweep.epochs", raw.get("epochs", 3), 1),
                      target_acc=check_range("sweep.target_acc", raw.get("target_acc", 0.9), 0, 1, low_open=True),
-                     description=str(raw.get("description", "")))
+                     description=str(raw.get("description", "")),
+                     repeats=check_range("sweep.repeats", raw.get("repeats", 3), 0))
     try:
         spec.make_sampler()
         spec.make_pruner()

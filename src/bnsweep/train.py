@@ -25,6 +25,7 @@ from optuna import TrialPruned
 from bnsweep import checkpoint, inference, tracking
 from bnsweep.config import instantiate, validate
 from bnsweep.data import InMemoryDataModule
+from bnsweep.diagnostics import Diagnostics
 from bnsweep.errors import BnsweepError
 from bnsweep.models import param_counts, summary
 from bnsweep.module import ClassifierModule, TrainingDiverged
@@ -90,6 +91,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     owns ``result.tracker`` and must ``close()`` it.
     """
     validate(cfg)
+    diagnostics = Diagnostics.from_config(cfg.train)  # None unless train.diagnostics=true
     quiet_lightning()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -103,7 +105,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
     module = ClassifierModule(model, instantiate(cfg.optimizer),
                               target_acc=cfg.train.target_acc, max_loss=cfg.train.max_loss)
-    all_callbacks = list(callbacks)
+    all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
     tracker = None
     if track:
         tracker = tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
@@ -137,6 +139,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         except TrialPruned:
             outcome = "pruned"
         runtime = time.perf_counter() - start
+        if tracker and diagnostics:
+            tracker.log_files({Diagnostics.ARTIFACT: diagnostics.to_csv()})
         final = {**module.summary_metrics(int(cfg.trainer.max_epochs)), "runtime_s": runtime,
                  "diverged": float(outcome == "diverged"), **counts}
         if module.history:

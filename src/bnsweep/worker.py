@@ -23,7 +23,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from bnsweep.config import instantiate
 from bnsweep.data import InMemoryDataModule
-from bnsweep.studies import Heartbeat, claim, counts, open_storage, sweep_studies
+from bnsweep.studies import Heartbeat, best_trial, claim, counts, open_storage, repeats_blocked, sweep_studies
 from bnsweep.sweepdef import SweepSpec, compose_train
 from bnsweep.train import quiet_lightning, run_training
 
@@ -58,10 +58,13 @@ class Worker:
         return self.configs[study.study_name]
 
     def datamodule(self, cfg: DictConfig) -> InMemoryDataModule:
-        key = OmegaConf.to_yaml(cfg.data, resolve=True)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        seed = data.pop("seed", 0)  # batch order only: one copy of the data serves every seed
+        key = OmegaConf.to_yaml(data)
         if key not in self.data:
             self.data[key] = instantiate(cfg.data)
             self.data[key].setup("fit")
+        self.data[key].seed = seed
         return self.data[key]
 
     def next_trial(self) -> tuple[optuna.Study, optuna.Trial] | None:
@@ -77,18 +80,22 @@ class Worker:
     def run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
         spec = SweepSpec.from_attrs(study.user_attrs)
         cfg = self.config(study).copy()
-        for p in spec.params:
+        repeat = trial.user_attrs.get("repeat")
+        if repeat and not self.set_repeat(study, trial, spec, cfg):
+            return
+        for p in spec.params if not repeat else ():
             OmegaConf.update(cfg, p.key, p.suggest(trial), merge=False)
         OmegaConf.update(cfg, "tracking.run_name", f"trial {trial.number}", merge=False)
         tags = {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
                 "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": self.sweep,
-                "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial"}
+                "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
+                **({"bnsweep.repeat": str(repeat)} if repeat else {})}
+        pruning = [] if repeat else [PyTorchLightningPruningCallback(trial, monitor="val_acc")]  # full budget
         try:
             result = run_training(
                 cfg, datamodule=self.datamodule(cfg), tags=tags,
                 parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                callbacks=[PyTorchLightningPruningCallback(trial, monitor="val_acc"),
-                           Heartbeat(self.storage, trial)])
+                callbacks=[*pruning, Heartbeat(self.storage, trial)])
         except Exception as e:  # one trial's crash is recorded; the sweep goes on
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
@@ -105,6 +112,23 @@ class Worker:
             trial.set_user_attr("diverged", result.outcome == "diverged")
             study.tell(trial, state=TrialState.PRUNED)
 
+    def set_repeat(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, cfg: DictConfig) -> bool:
+        """A repeat trains at the cell's best LR with seed + k; False (trial failed) if there is none."""
+        best = best_trial(study.get_trials(deepcopy=False))
+        if best is None:
+            trial.set_user_attr("error", "no LR-search trial completed, so there is no best LR to repeat")
+            study.tell(trial, state=TrialState.FAIL)
+            return False
+        seed = int(cfg.seed) + int(trial.user_attrs["repeat"])
+        OmegaConf.update(cfg, "seed", seed, merge=False)
+        trial.set_user_attr("repeat_of", best.number)
+        trial.set_user_attr("seed", seed)
+        for p in spec.params:
+            value = best.params[p.key]
+            self.storage.set_trial_param(trial._trial_id, p.key, p.dist.to_internal_repr(value), p.dist)
+            OmegaConf.update(cfg, p.key, value, merge=False)
+        return True
+
     def flush(self, keep: int = 0) -> None:
         while len(self.trackers) > keep:
             self.trackers.pop(0).close()
@@ -114,6 +138,9 @@ class Worker:
             while max_trials is None or self.done < max_trials:
                 nxt = self.next_trial()
                 if nxt is None:
+                    if any(repeats_blocked(s) for s in self.studies.values()):
+                        time.sleep(1.0)  # repeats start when the cell's last LR trial (elsewhere) ends
+                        continue
                     break
                 study, trial = nxt
                 try:

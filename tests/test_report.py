@@ -1,0 +1,242 @@
+"""The study report from a real tiny sweep: files, figures, numbers, MLflow artifacts, and Chromium rendering."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from scipy import stats as sps
+
+from bnsweep.stats import Interval, basin_bracket, bracket_diff, mean_ci, paired_diff
+from bnsweep.studies import default_storage, is_repeat, open_storage, sweep_studies
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FIGURES = {"heatmap", "effects", "lr_curves", "learning_curves", "epochs_time", "importance", "slice",
+           "diag_preact", "diag_grad"}
+
+
+def report_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bnsweep.report", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
+
+
+@pytest.fixture(scope="module")
+def report(tiny_sweep: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    assert tiny_sweep.result.returncode == 0, tiny_sweep.result.stderr[-3000:]
+    out_dir = tmp_path_factory.mktemp("reports")
+    start = time.perf_counter()
+    proc = report_cli("sweep=tiny", f"sweep.name={tiny_sweep.name}", f"tracking.uri={tiny_sweep.uri}",
+                      f"tracking.store_dir={tiny_sweep.store}", f"out_dir={out_dir}")
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"\nreport of the tiny sweep: {wall:.1f} s for the whole command; {proc.stderr.strip().splitlines()[-1]}")
+    return out_dir / tiny_sweep.name
+
+
+def check_png(path: Path, min_size: tuple[int, int] = (200, 150)) -> np.ndarray:
+    """A real PNG: the signature, a full decode, a sensible size, and not a single flat colour."""
+    data = path.read_bytes()
+    assert data[:8] == PNG, path
+    with Image.open(path) as im:
+        im.load()
+        assert im.size[0] >= min_size[0] and im.size[1] >= min_size[1], (path, im.size)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 5, f"{path.name} is blank"
+    return pixels
+
+
+def test_every_figure_is_a_valid_png_and_linked(report: Path) -> None:
+    pngs = {p.stem: p for p in report.glob("*.png")}
+    assert set(pngs) == FIGURES
+    for p in pngs.values():
+        check_png(p)
+    md = (report / "report.md").read_text()
+    assert set(re.findall(r"\]\((\w+)\.png\)", md)) == FIGURES
+    html = (report / "report.html").read_text()
+    assert html.count('src="data:image/png;base64,') == len(FIGURES)  # self-contained
+
+
+def test_report_states_the_paired_bn_difference_as_computed_from_the_repeats(report: Path,
+                                                                            tiny_sweep: SimpleNamespace) -> None:
+    """The report's numbers are the seed-paired t-interval over the repeats stored in Optuna."""
+    studies = {s.user_attrs["cell"]: s for s in
+               sweep_studies(open_storage(default_storage(tiny_sweep.store, tiny_sweep.name)), tiny_sweep.name)}
+
+    def by_seed(cell: str, key: str) -> dict[int, float]:
+        return {t.user_attrs["seed"]: t.user_attrs["metrics"][key] for t in studies[cell].trials if is_repeat(t)}
+
+    md = (report / "report.md").read_text()
+    for key, label, fmt in (("best_val_acc", "best val acc", "{:+.4f}"), ("epochs_to_converge", "epochs to target",
+                                                                         "{:+.2f}")):
+        bn, none = by_seed("placement=before_act", key), by_seed("placement=none", key)
+        assert sorted(bn) == sorted(none) == [1, 2]
+        diffs = np.array([bn[s] - none[s] for s in sorted(bn)])
+        line = next(x for x in md.splitlines() if x.startswith(f"- {label}:"))
+        assert line.startswith(f"- {label}: {fmt.format(diffs.mean())}")
+        if diffs.std() > 0:
+            lo, hi = sps.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=sps.sem(diffs))
+            assert f"[{fmt.format(lo)}, {fmt.format(hi)}] (95% CI, n=2)" in line
+            resolved = lo > 0 or hi < 0
+        else:
+            resolved = diffs[0] != 0
+        assert ("not resolved" in line) != resolved, line
+    basin = next(x for x in md.splitlines() if x.startswith("- LR basin (decades):"))
+    assert "(bracket)" in basin and "→ **" in basin
+
+
+def test_report_is_logged_to_the_sweeps_summary_run(report: Path, tiny_sweep: SimpleNamespace) -> None:
+    client = MlflowClient(tiny_sweep.uri)
+    exp = client.get_experiment_by_name(f"sweep-{tiny_sweep.name}")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`bnsweep.role` = 'summary'")
+    arts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report.md", "report.html"} | {f"{f}.png" for f in FIGURES} <= arts
+
+
+def test_trials_log_diagnostics_per_layer(tiny_sweep: SimpleNamespace, tmp_path: Path) -> None:
+    from bnsweep.diagnostics import read_csv
+
+    client = MlflowClient(tiny_sweep.uri)
+    exp = client.get_experiment_by_name(f"sweep-{tiny_sweep.name}")
+    run = client.search_runs([exp.experiment_id], "tags.`bnsweep.role` = 'trial'", max_results=1)[0]
+    rows = read_csv(Path(client.download_artifacts(run.info.run_id, "diagnostics.csv", str(tmp_path))).read_text())
+    assert {r["layer"] for r in rows} == {"fc1", "out"}  # tiny: one hidden layer, then the logits
+    steps = sorted({r["step"] for r in rows})
+    assert steps[0] == 0 and all(b - a == 5 for a, b in zip(steps, steps[1:], strict=False))
+    for r in rows:
+        assert r["grad_norm"] > 0
+        if r["layer"] == "fc1":
+            assert r["p15"] <= r["p50"] <= r["p85"]
+        else:
+            assert math.isnan(r["p50"])  # the logits have no activation
+
+
+def test_report_html_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "chromium is missing: `make chromium` installs Debian's package (apt-get, as root)"
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+                           "--window-size=1280,2000", (report / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=180)
+    assert shot.exists(), proc.stderr[-2000:]
+    pixels = check_png(shot, (1280, 2000))
+    not_white = (pixels < 245).any(axis=2).mean()
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert not_white > 0.02 and colours > 50, (not_white, colours)  # text, tables and figures, not an empty page
+
+
+def test_report_of_a_sweep_that_never_ran_is_one_line(mlflow_server: str, tmp_path: Path) -> None:
+    proc = report_cli("sweep=tiny", "sweep.name=t_never", f"tracking.uri={mlflow_server}",
+                      f"tracking.store_dir={tmp_path}", f"out_dir={tmp_path}", timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: sweep='t_never' has no results in ")
+
+
+# ---------------------------------------------------------------------- the interval arithmetic
+
+
+def test_mean_ci_matches_scipy_t_interval() -> None:
+    values = [0.912, 0.934, 0.921, 0.951, 0.927]
+    iv = mean_ci(values)
+    lo, hi = sps.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=sps.sem(values))
+    assert iv.n == 5 and iv.estimate == pytest.approx(np.mean(values))
+    assert (iv.low, iv.high) == (pytest.approx(lo), pytest.approx(hi))
+    assert iv.sign == 1  # all well above 0
+    assert math.isnan(mean_ci([0.9]).low) and mean_ci([0.9]).sign == 0  # one value: no interval, no conclusion
+    assert mean_ci([0.9, math.nan, 0.8]).n == 2
+
+
+def test_paired_difference_matches_scipy_ttest_rel() -> None:
+    a = {1: 0.95, 2: 0.97, 3: 0.96, 4: 0.99}
+    b = {1: 0.93, 2: 0.94, 3: 0.96, 4: 0.95, 5: 0.5}  # seed 5 has no partner: left out
+    iv = paired_diff(a, b)
+    ci = sps.ttest_rel([a[k] for k in (1, 2, 3, 4)], [b[k] for k in (1, 2, 3, 4)]).confidence_interval(0.95)
+    assert iv.n == 4 and iv.estimate == pytest.approx(0.0225)
+    assert (iv.low, iv.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert paired_diff({1: 0.9, 2: 0.8}, {1: 0.8, 2: 0.9}).sign == 0  # the CI includes 0: not resolved
+
+
+def test_lr_basin_bracket_is_the_grid_resolution() -> None:
+    lrs, accs = [1e-3, 1e-2, 1e-1, 1.0], [0.5, 0.96, 0.97, 0.2]
+    iv = basin_bracket(lrs, accs, 0.95, 1e-4, 10.0)
+    assert (iv.estimate, iv.low) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert iv.high == pytest.approx(math.log10(1.0 / 1e-3))  # edges up to the next LRs tried, which failed
+    edge = basin_bracket([1e-2, 1e-1], [0.96, 0.2], 0.95, 1e-3, 10.0)
+    assert (edge.low, edge.high) == (0.0, pytest.approx(2.0))  # nothing tried below: the range's end bounds it
+    none = basin_bracket([1e-3, 1e-1, 1.0], [0.1, 0.2, 0.3], 0.95, 1e-3, 10.0)
+    assert (none.estimate, none.low, none.high) == (0.0, 0.0, pytest.approx(2.0))  # the widest gap
+    d = bracket_diff(Interval(1.0, 1.0, 3.0, 4, "bracket"), Interval(0.0, 0.0, 0.5, 4, "bracket"))
+    assert (d.low, d.high, d.sign) == (0.5, 3.0, 1)
+
+
+# ---------------------------------------------------------------------- any grid shape (no training)
+
+
+def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
+    """Cells with LR curves, seed-paired repeats and diagnostics; ``gain`` adds accuracy per grid label."""
+    from bnsweep import summary
+    from bnsweep.report import CellResult, TrialResult
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.002, 3)  # the same per-seed noise in every cell: pairing removes it
+    cells = []
+    for combo in itertools.product(*grid.values()):
+        labels = dict(zip([k.rsplit(".", 1)[-1] for k in grid], combo, strict=True))
+        top = 0.85 + sum(gain.get(v, 0.0) for v in combo)
+        lrs = np.logspace(-3, 1, 6)
+        accs = top - 0.1 * (np.log10(lrs) + 1) ** 2
+        trials = [TrialResult(i, float(lr), "complete", {"best_val_acc": float(a), "test_acc": float(a) - 0.01,
+                                                        "epochs_to_converge": 2, "s_per_epoch": 0.5, "converged": 1},
+                              None) for i, (lr, a) in enumerate(zip(lrs, accs, strict=True))]
+        best = max(trials, key=lambda t: t.metrics["best_val_acc"])
+        repeats = [TrialResult(10 + k, best.lr, "complete", {**best.metrics, "best_val_acc": top + noise[k - 1]},
+                               None, repeat=k, val_acc=[top - 0.2, top - 0.05, top]) for k in (1, 2, 3)]
+        diag = [{"step": s, "epoch": 1, "layer": layer, "p15": -1.0 - s / 100, "p50": 0.0, "p85": 1.0 + s / 100,
+                 "grad_norm": 1.0 / (s + 1)} for s in range(0, 100, 10) for layer in ("fc1", "fc2")]
+        name = ",".join(f"{k}={v}" for k, v in labels.items())
+        row = {k: math.nan for k in summary.COLUMNS} | {"cell": name, "best_lr": best.lr, "best_val_acc": top,
+                                                         "test_acc": top - 0.01}
+        basin = basin_bracket(list(lrs), list(accs), 0.8, 1e-3, 10.0)
+        cells.append(CellResult(name, labels, row, trials, repeats, best, basin, diag))
+    return cells
+
+
+@pytest.mark.parametrize("grid", [
+    {"model.bn.placement": ["none", "before_act"], "model.activation": ["sigmoid", "relu"],
+     "model.init": ["he_normal", "normal"]},
+    {"optimizer": ["sgd", "adam", "rmsprop"]},
+])
+def test_report_renders_any_grid_shape(grid: dict[str, list[str]], tmp_path: Path) -> None:
+    from bnsweep.report import render
+
+    attrs = {"target_acc": 0.8, "search_range": (1e-3, 10.0), "grid": dict.fromkeys(grid), "n_trials": 6,
+             "epochs": 3, "repeats": 3, "sampler": {"name": "grid"}, "description": "synthetic"}
+    files = render("synthetic", attrs, fake_cells(grid, {"before_act": 0.05, "adam": 0.03}), tmp_path, 60, "-")
+    assert {f.stem for f in files if f.suffix == ".png"} == FIGURES
+    for f in files:
+        if f.suffix == ".png":
+            check_png(f, (100, 80))
+    md = (tmp_path / "report.md").read_text()
+    if "model.init" in grid:  # facets: one heatmap row per init, a comparison per (activation, init)
+        assert "### activation=relu, init=normal" in md
+        assert md.count("Does BN help? before_act vs none") == 4
+        assert md.count("before_act is more accurate than none") == 4  # +0.05 on every paired seed
+    else:  # no BN key: the first key's values are compared with its first value, without BN wording
+        assert "Does BN help?" not in md and "**adam vs sgd**" in md
+        assert "adam is more accurate than sgd" in md
+        line = next(x for x in md.splitlines() if x.startswith("- best val acc:") and "+0.0000" in x)
+        assert "not resolved" in line  # rmsprop - sgd: no difference at all
