@@ -68,3 +68,16 @@ def test_without_bn_every_mode_agrees_with_the_ordinary_evaluation() -> None:
     for key in ("precise", "batch1", "batch8"):
         assert out[f"test_acc_{key}"] == acc
         assert out[f"test_loss_{key}"] == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("placement", ["before_act", "after_act"])
+def test_precise_bn_resuming_from_kept_activations_equals_restarting_from_the_input(placement: str) -> None:
+    torch.manual_seed(1)
+    model = CNN((1, 8, 8), 3, channels=[4], hidden=[6], activation="relu", act_args=None, init="he_normal",
+                init_std=0.05, output_init="glorot_uniform", bn={"placement": placement, "input": True})
+    x = torch.randn(100, 1, 8, 8) * 2 - 1
+    kept, restarted = precise_bn(model, x, chunk=32), precise_bn(model, x, chunk=32, cache_bytes=0)
+    for a, b in zip(kept.buffers(), restarted.buffers(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    assert not torch.equal(kept.conv1_bn.running_var if placement == "before_act" else kept.conv1_act_bn.running_var,
+                           torch.ones(4))

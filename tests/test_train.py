@@ -18,7 +18,7 @@ from bnsweep.train import run_training
 
 QUICK = ["data.limit_train=3000", "data.val_size=1000", "trainer.max_epochs=2", "trainer.accelerator=cpu"]
 EPOCH_KEYS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
-FINAL_KEYS = ["test_acc", "test_loss", "best_val_acc", "runtime_s", "epochs_to_converge", "converged"]
+FINAL_KEYS = ["test_acc", "test_loss", "best_val_acc", "runtime_s", "eval_time_s", "epochs_to_converge", "converged"]
 
 
 def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, data_root: str) -> None:

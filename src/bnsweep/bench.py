@@ -3,6 +3,8 @@
 Training speed: experiment=seed001_bn through the full stack (Hydra config, LightningModule,
 in-memory DataModule, MLflow logging) against a bare PyTorch loop over the same in-memory tensors
 (same model, batch 32, same per-epoch work: train loss/accuracy and a validation pass).
+Sweep: trials/hour of the tiny sweep with 1 and 2 workers, and the orchestration overhead per trial
+(sweep wall time minus each trial's own fit and test evaluation, which are printed beside it).
 Latency (bnsweep.latency): no-BN / BN / BN-folded forward passes at batch 1 and 1024, side by side.
 """
 
@@ -88,7 +90,8 @@ def bench_sweep(workers: int, n_trials: int, uri: str, store: str, rep: int = 0)
     n = t["trials"]
     return {"trials": n, "wall": wall, "per_hour": n / wall * 3600,
             "per_hour_steady": n / (t["busy_s"] / workers) * 3600,
-            "overhead": (workers * wall - t["fit_s"]) / n, "steady": (t["busy_s"] - t["fit_s"]) / n,
+            "overhead": (workers * wall - t["fit_s"] - t["eval_s"]) / n, "eval": t["eval_s"] / n,
+            "steady": (t["busy_s"] - t["fit_s"] - t["eval_s"]) / n,
             "startup": (workers * wall - t["busy_s"]) / workers}
 
 
@@ -127,17 +130,21 @@ def report_sweep(trials: int, repeats: int) -> None:
     for one, two in pairs:
         for w, r in ((1, one), (2, two)):
             print(f"  {w} worker{'s' if w > 1 else ' '}  {r['trials']} trials in {r['wall']:6.1f} s   "
-                  f"{r['per_hour']:7.0f} trials/hour   overhead {r['overhead']:.2f} s/trial "
+                  f"{r['per_hour']:7.0f} trials/hour   test evaluation {r['eval']:.2f} s/trial, "
+                  f"orchestration {r['overhead']:.2f} s/trial "
                   f"(start-up {r['startup']:.1f} s per worker; steady state {r['steady']:.2f} s/trial)")
     ratios = [two["per_hour"] / one["per_hour"] for one, two in pairs]
     steady = [two["per_hour_steady"] / one["per_hour_steady"] for one, two in pairs]
     overhead = [one["overhead"] for one, _ in pairs]
+    with_eval = [one["overhead"] + one["eval"] for one, _ in pairs]
     print(f"  ratio 2 workers / 1 worker, whole sweep    {statistics.median(ratios):7.2f}x   (bar: >= 1.80; "
           f"each repeat: {', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"  ratio 2 workers / 1 worker, after start-up {statistics.median(steady):7.2f}x   "
           f"(each repeat: {', '.join(f'{r:.2f}' for r in steady)})")
     print(f"  orchestration overhead, 1 worker           {statistics.median(overhead):7.2f} s/trial incl. "
           f"start-up (bar: <= 0.30; each repeat: {', '.join(f'{o:.2f}' for o in overhead)})")
+    print(f"  wall - fit, 1 worker (adds test evaluation) {statistics.median(with_eval):6.2f} s/trial   "
+          f"(each repeat: {', '.join(f'{o:.2f}' for o in with_eval)})")
 
 
 def report_training(epochs: int) -> None:

@@ -12,7 +12,6 @@ Three ways to evaluate a trained model (seed 002's question), each logged as its
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Sequence
@@ -28,46 +27,51 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, BN_TYPES)]
 
 
-class _Reached(Exception):
-    """Stops a forward pass once the BN layer being measured has seen its input."""
-
-
 @torch.no_grad()
-def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000) -> nn.Module:
+def precise_bn(model: nn.Sequential, train_x: torch.Tensor, chunk: int = 1000,
+               cache_bytes: int = 256 * 2**20) -> nn.Sequential:
     """A copy of ``model`` whose BN layers hold the training set's population statistics.
 
-    One eval-mode pass per BN layer, in network order, so that layer k's statistics describe the
-    inputs it sees at inference (earlier BN layers already normalized with population statistics).
-    Variance is unbiased, like BN's running_var.
+    BN layers are measured in network order, so that layer k's statistics describe the inputs it
+    sees at inference (earlier BN layers already normalized with population statistics).
+    Variance is unbiased, like BN's running_var. The inputs of the last measured BN are kept when
+    they fit in ``cache_bytes`` (an MLP's hidden layers), so the next BN's pass starts there and
+    the whole job costs about one forward pass over the training set; else it restarts from the input.
     """
     model = copy.deepcopy(model).eval()
-    for bn in bn_layers(model):
-        mean, var = _input_statistics(model, bn, train_x, chunk)
+    layers = list(model.children())
+    if sum(isinstance(m, BN_TYPES) for m in layers) != len(bn_layers(model)):
+        raise TypeError("precise_bn walks a flat nn.Sequential: every BN must be one of its children")
+    cached: list[torch.Tensor] | None = None  # inputs of layers[done:], chunk by chunk
+    done = 0
+    for k, bn in enumerate(layers):
+        if not isinstance(bn, BN_TYPES):
+            continue
+        if cached is None:
+            cached, done = list(train_x.split(chunk)), 0
+        inputs = [_run(layers[done:k], x) for x in cached]
+        mean, var = _channel_statistics(inputs)
         bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
         bn.running_var.copy_(var.to(bn.running_var.dtype))
+        fits = sum(x.numel() * x.element_size() for x in inputs) <= cache_bytes
+        cached, done = (inputs, k) if fits else (None, 0)
     return model
 
 
-def _input_statistics(model: nn.Module, bn: nn.Module, train_x: torch.Tensor,
-                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and unbiased variance of what ``bn`` receives, over all of ``train_x``."""
-    parts: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk
+def _run(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
 
-    def measure(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]
+
+def _channel_statistics(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance over a list of chunks (dim 1 is the channel)."""
+    parts: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk
+    for x in inputs:
         dims = [0, *range(2, x.dim())]
         n = x.numel() / x.shape[1]
         mean = x.sum(dims, keepdim=True) / n  # (torch.var_mean is 50x slower here on CPU)
         parts.append((n, mean.flatten().double(), (x - mean).square().sum(dims).double()))
-        raise _Reached  # the layers after this BN don't matter for its statistics
-
-    handle = bn.register_forward_pre_hook(measure)
-    try:
-        for start in range(0, len(train_x), chunk):
-            with contextlib.suppress(_Reached):
-                model(train_x[start : start + chunk])
-    finally:
-        handle.remove()
     n, mean, m2 = parts[0]
     for n_b, mean_b, m2_b in parts[1:]:  # Chan et al.'s pairwise update: stable in one pass
         delta, total = mean_b - mean, n + n_b

@@ -227,18 +227,19 @@ class Sweep:
             tags={"bnsweep.sweep": self.spec.name, "bnsweep.role": "summary"}).info.run_id
 
     def timing(self) -> dict[str, float]:
-        """Summed fit time, trials run, and summed claim-to-finish time (for the overhead figures)."""
-        fit, n, spans = 0.0, 0, {}
+        """Summed fit and test-evaluation time, trials run, and summed claim-to-finish time."""
+        fit, evaluation, n, spans = 0.0, 0.0, 0, {}
         for study in self.studies:
             for t in study.get_trials(deepcopy=False):
                 m, run = t.user_attrs.get("metrics"), t.user_attrs.get("run")
                 if m and run and "runtime_s" in m:
                     fit, n = fit + m["runtime_s"], n + 1
+                    evaluation += m.get("eval_time_s", 0.0)
                     w = t.user_attrs["worker"]
                     first, last = spans.get(w["pid"], (math.inf, 0.0))
                     spans[w["pid"]] = (min(first, w["claimed_at"]), max(last, run["finished_at"]))
         # busy: each worker's first claim to last finish, i.e. everything but process start-up
-        return {"fit_s": fit, "trials": n, "busy_s": sum(b - a for a, b in spans.values())}
+        return {"fit_s": fit, "eval_s": evaluation, "trials": n, "busy_s": sum(b - a for a, b in spans.values())}
 
 
 def resolve_tracking(cfg: DictConfig) -> str:

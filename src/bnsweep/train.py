@@ -146,9 +146,11 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         if module.history:
             final["s_per_epoch"] = sum(r["epoch_time_s"] for r in module.history) / len(module.history)
         if outcome == "completed":
+            evaluated = time.perf_counter()
             test_loss, test_acc = module.evaluate(dm.test_dataloader())
             final |= {"test_acc": test_acc, "test_loss": test_loss}
             final |= inference_metrics(cfg, model, dm, test_acc)
+            final["eval_time_s"] = time.perf_counter() - evaluated  # test set, every eval mode
             if tracker and cfg.tracking.get("log_model", True):
                 tracker.log_files({checkpoint.ARTIFACT: checkpoint.to_bytes(
                     model, OmegaConf.to_container(cfg.model, resolve=True), dm.in_shape, dm.num_classes,
