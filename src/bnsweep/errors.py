@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class BnsweepError(Exception):
@@ -50,3 +55,14 @@ def check_range(
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
         raise ConfigError(f"{key}={value!r} is not allowed; it must be a number in {interval}")
     return value
+
+
+def run_app(app: Callable[[Any], T], cfg: Any) -> T:
+    """The body of every command: plain log lines, quiet MLflow clients, errors as one line (exit 1)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return app(cfg)
+    except BnsweepError as e:
+        sys.exit(f"error: {e}")

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from bnsweep import checkpoint, tracking
-from bnsweep.errors import BnsweepError, ConfigError, check_range
+from bnsweep.errors import BnsweepError, ConfigError, check_range, run_app
 from bnsweep.fold import fold_bn
 from bnsweep.latency import NAMES, measure, table, three_models
 from bnsweep.train import CONF_DIR
@@ -160,11 +160,7 @@ def describe(report: dict[str, Any], batches: list[int]) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        report = export(cfg)
-    except BnsweepError as e:
-        sys.exit(f"error: {e}")
+    report = run_app(export, cfg)
     print(describe(report, list(cfg.latency.batches)), file=sys.stderr)
 
 

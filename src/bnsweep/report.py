@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from bnsweep import figures, summary
 from bnsweep.answers import METRICS, compose
 from bnsweep.diagnostics import ARTIFACT as DIAGNOSTICS
 from bnsweep.diagnostics import read_csv
-from bnsweep.errors import BnsweepError, ConfigError
+from bnsweep.errors import ConfigError, run_app
 from bnsweep.stats import Interval, basin_bracket, bracket_diff, paired_diff
 from bnsweep.studies import best_trial, is_repeat
 from bnsweep.sweep import CONF_DIR, Sweep, open_sweep
@@ -302,13 +301,7 @@ def make_report(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path=CONF_DIR, config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    try:
-        make_report(cfg)
-    except BnsweepError as e:
-        sys.exit(f"error: {e}")
+    run_app(make_report, cfg)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from bnsweep import summary, tracking
 from bnsweep.config import instantiate
-from bnsweep.errors import BnsweepError, ConfigError
+from bnsweep.errors import ConfigError, run_app
 from bnsweep.server import MlflowServer, preferred_port
 from bnsweep.studies import counts, default_storage, open_storage, recover_lost, sweep_studies, top_up
 from bnsweep.sweepdef import SweepSpec, compose_train, parse
@@ -283,12 +283,7 @@ def run(cfg: DictConfig) -> list[dict]:
 
 @hydra.main(config_path=CONF_DIR, config_name="run_sweep", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    try:
-        run(cfg)
-    except BnsweepError as e:
-        sys.exit(f"error: {e}")
+    run_app(run, cfg)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from bnsweep import checkpoint, inference, tracking
 from bnsweep.config import instantiate, validate
 from bnsweep.data import InMemoryDataModule
 from bnsweep.diagnostics import Diagnostics
-from bnsweep.errors import BnsweepError
+from bnsweep.errors import run_app
 from bnsweep.models import param_counts, summary
 from bnsweep.module import ClassifierModule, TrainingDiverged
 
@@ -172,11 +172,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        result = run_training(cfg, callbacks=[EpochPrinter()])
-    except BnsweepError as e:
-        sys.exit(f"error: {e}")
+    result = run_app(lambda c: run_training(c, callbacks=[EpochPrinter()]), cfg)
     m = result.metrics
     test = f"test_acc {m['test_acc']:.4f}  " if "test_acc" in m else "diverged  "
     print(f"{test}best_val_acc {m['best_val_acc']:.4f}  epochs_to_converge "
