@@ -58,7 +58,7 @@ class StackedOptimizer:
         self.eps = float(opt.get("eps", 1e-8))
         self.alpha = float(opt.get("alpha", 0.99))
         self.step_count = 0
-        self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]
+        self.state: dict[str, list[torch.Tensor]] = {}  # e.g. momentum_buffer: one tensor per parameter
         self._views()
 
     def _views(self) -> None:
@@ -72,53 +72,62 @@ class StackedOptimizer:
         """Drop members: keep the state of these (the parameters themselves are cut by StackedNet.keep)."""
         index = index.to(self.lr.device)
         self.lr = self.lr.index_select(0, index)
-        for state in self.state:
-            for k, v in state.items():
-                state[k] = v.index_select(0, index).contiguous()
+        for name, tensors in self.state.items():
+            self.state[name] = [t.index_select(0, index).contiguous() for t in tensors]
         self._views()
 
     @torch.no_grad()
     def step(self) -> None:
+        """One update of every member, as ``foreach`` ops over all parameters (few Python calls per step)."""
         self.step_count += 1
-        update = {"sgd": self._sgd, "adam": self._adam, "rmsprop": self._rmsprop}[self.kind]
-        for p, lr, state in zip(self.params, self.lrs, self.state, strict=True):
-            if p.grad is None:
-                continue
-            g = p.grad if self.wd == 0 else p.grad.add(p, alpha=self.wd)
-            update(p, g, lr, state)
+        grads = [p.grad for p in self.params]
+        if self.wd:
+            grads = torch._foreach_add(grads, self.params, alpha=self.wd)
+        {"sgd": self._sgd, "adam": self._adam, "rmsprop": self._rmsprop}[self.kind](grads)
 
-    def _sgd(self, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    def _sgd(self, grads: list[torch.Tensor]) -> None:
         if self.momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = g.clone()
+            if "momentum_buffer" not in self.state:
+                bufs = self.state["momentum_buffer"] = [g.clone() for g in grads]
             else:
-                buf.mul_(self.momentum).add_(g, alpha=1 - self.dampening)
-            g = g.add(buf, alpha=self.momentum) if self.nesterov else buf
-        p.addcmul_(g, lr, value=-1)
+                bufs = self.state["momentum_buffer"]
+                torch._foreach_mul_(bufs, self.momentum)
+                torch._foreach_add_(bufs, grads, alpha=1 - self.dampening)
+            grads = torch._foreach_add(grads, bufs, alpha=self.momentum) if self.nesterov else bufs
+        torch._foreach_addcmul_(self.params, grads, self.lrs, value=-1)
 
-    def _adam(self, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    def _adam(self, grads: list[torch.Tensor]) -> None:
         b1, b2 = self.betas
-        if not state:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        m.lerp_(g, 1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if "exp_avg" not in self.state:
+            self.state["exp_avg"] = [torch.zeros_like(p) for p in self.params]
+            self.state["exp_avg_sq"] = [torch.zeros_like(p) for p in self.params]
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        torch._foreach_lerp_(m, grads, 1 - b1)
+        torch._foreach_mul_(v, b2)
+        torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
         bias1, bias2_sqrt = 1 - b1**self.step_count, (1 - b2**self.step_count) ** 0.5
-        denom = (v.sqrt() / bias2_sqrt).add_(self.eps)
-        p.sub_(m.div(denom).mul_(lr / bias1))
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, bias2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        update = torch._foreach_div(m, denom)
+        torch._foreach_mul_(update, self.lrs)
+        torch._foreach_add_(self.params, update, alpha=-1 / bias1)
 
-    def _rmsprop(self, p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        if not state:
-            state["square_avg"] = torch.zeros_like(p)
+    def _rmsprop(self, grads: list[torch.Tensor]) -> None:
+        if "square_avg" not in self.state:
+            self.state["square_avg"] = [torch.zeros_like(p) for p in self.params]
             if self.momentum > 0:
-                state["momentum_buffer"] = torch.zeros_like(p)
-        sq = state["square_avg"]
-        sq.mul_(self.alpha).addcmul_(g, g, value=1 - self.alpha)
-        avg = sq.sqrt().add_(self.eps)
+                self.state["momentum_buffer"] = [torch.zeros_like(p) for p in self.params]
+        sq = self.state["square_avg"]
+        torch._foreach_mul_(sq, self.alpha)
+        torch._foreach_addcmul_(sq, grads, grads, value=1 - self.alpha)
+        avg = torch._foreach_sqrt(sq)
+        torch._foreach_add_(avg, self.eps)
         if self.momentum > 0:
-            buf = state["momentum_buffer"]
-            buf.mul_(self.momentum).addcdiv_(g, avg)
-            p.addcmul_(buf, lr, value=-1)
+            bufs = self.state["momentum_buffer"]
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_addcdiv_(bufs, grads, avg)
+            torch._foreach_addcmul_(self.params, bufs, self.lrs, value=-1)
         else:
-            p.sub_(g.div(avg).mul_(lr))
+            update = torch._foreach_div(grads, avg)
+            torch._foreach_addcmul_(self.params, update, self.lrs, value=-1)
