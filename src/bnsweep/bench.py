@@ -104,7 +104,7 @@ def main() -> None:
     ap.add_argument("--sizes", default=None, help="population sizes, e.g. 1,8,32 (default; 1,8,32,128 on a GPU)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the population sizes")
     ap.add_argument("--pop-epochs", type=int, default=1, help="epochs per trial in the population bench")
-    ap.add_argument("--gpu", action="store_true", help="population bench on the GPU")
+    ap.add_argument("--cpu", action="store_true", help="population bench on the CPU even when a GPU is there")
     args = ap.parse_args()
     print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     if args.only in (None, "training"):
@@ -119,7 +119,7 @@ def main() -> None:
         from bnsweep.popbench import report as report_population
 
         sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
-        report_population(args.pop_epochs, sizes, args.rounds, args.gpu)
+        report_population(args.pop_epochs, sizes, args.rounds, gpu=not args.cpu)
 
 
 def report_sweep(trials: int, repeats: int) -> None:

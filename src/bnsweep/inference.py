@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,28 +33,31 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000) -> nn.Module:
+def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
+               layers: Callable[[nn.Module], Sequence[nn.Module]] = bn_layers,
+               channels: Callable[..., torch.Tensor] = lambda module, x: x) -> nn.Module:
     """A copy of ``model`` whose BN layers hold the training set's population statistics.
 
     One eval-mode pass per BN layer, in network order, so that layer k's statistics describe the
     inputs it sees at inference (earlier BN layers already normalized with population statistics).
-    Variance is unbiased, like BN's running_var.
+    Variance is unbiased, like BN's running_var. ``layers`` finds the BN layers and ``channels(layer,
+    *args)`` turns a layer's forward arguments into its (N, C, ...) input (stacked.py's populations).
     """
     model = copy.deepcopy(model).eval()
-    for bn in bn_layers(model):
-        mean, var = _input_statistics(model, bn, train_x, chunk)
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
+    for bn in layers(model):
+        mean, var = _input_statistics(model, bn, train_x, chunk, channels)
+        bn.running_mean.copy_(mean.to(bn.running_mean.dtype).view_as(bn.running_mean))
+        bn.running_var.copy_(var.to(bn.running_var.dtype).view_as(bn.running_var))
     return model
 
 
-def _input_statistics(model: nn.Module, bn: nn.Module, train_x: torch.Tensor,
-                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _input_statistics(model: nn.Module, bn: nn.Module, train_x: torch.Tensor, chunk: int,
+                      channels: Callable[..., torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and unbiased variance of what ``bn`` receives, over all of ``train_x``."""
     parts: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk
 
     def measure(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0]
+        x = channels(module, *args)
         dims = [0, *range(2, x.dim())]
         n = x.numel() / x.shape[1]
         mean = x.sum(dims, keepdim=True) / n  # (torch.var_mean is 50x slower here on CPU)

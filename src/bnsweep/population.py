@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from bnsweep import tracking
+from bnsweep import inference, tracking
 from bnsweep.config import instantiate, validate
 from bnsweep.data import InMemoryDataModule, MinibatchChunks
 from bnsweep.errors import ConfigError
 from bnsweep.models import param_counts
-from bnsweep.stacked import StackedNet
+from bnsweep.stacked import StackedNet, bn_layers
 from bnsweep.stacked_optim import StackedOptimizer, check_options
 from bnsweep.train import (
     RunResult,
@@ -196,10 +196,11 @@ class Population:
         self.clock = time.perf_counter()  # finishing (logging) is nobody's training time
         return keep
 
-    def finish(self, m: Member, outcome: str, test: tuple[float, float] | None = None) -> None:
+    def finish(self, m: Member, outcome: str, test: tuple[float, float] | None = None,
+               precise: tuple[float, float] | None = None) -> None:
         final = final_metrics(m.cfg, m.history, outcome, m.runtime, self.counts)
         if test is not None:
-            final |= test_metrics(m.cfg, m.model, self.dm, *test)
+            final |= test_metrics(m.cfg, m.model, self.dm, *test, precise=precise)
         if m.tracker:
             close_tracker(m.tracker, m.cfg, m.model, self.dm, final, outcome, len(m.history))
         result = RunResult(m.tracker.run_id if m.tracker else None, final, m.history, outcome, m.tracker)
@@ -255,11 +256,16 @@ class Population:
             self.run_epoch(epoch)
             if not self.active:
                 return
-        t = self.dm.tensors
-        test = evaluate(self.net, t["test_x"], t["test_y"], self.dm.eval_batch_size)
+        t, chunk = self.dm.tensors, self.dm.eval_batch_size
+        test = evaluate(self.net, t["test_x"], t["test_y"], chunk)
+        precise: list = [None] * len(self.active)
+        if self.members[0].cfg.train.get("precise_bn", True):  # population statistics of all members at once
+            net = inference.precise_bn(self.net, t["train_x"], chunk, layers=bn_layers,
+                                       channels=lambda bn, x, layout: bn.channels(x, layout))
+            precise = evaluate(net, t["test_x"], t["test_y"], chunk)
         for j, m in enumerate(self.active):
             m.model.load_state_dict(self.net.member_state(j))
-            self.finish(m, "completed", test[j])
+            self.finish(m, "completed", test[j], precise[j])
         self.active = []
 
 

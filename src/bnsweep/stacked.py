@@ -88,16 +88,20 @@ class StackedBatchNorm(nn.Module):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, torch.stack([getattr(m, name) for m in layers]).clone())
 
+    def channels(self, x: torch.Tensor, layout: str) -> torch.Tensor:
+        """The input as (B, K*C, ...), member-major: what one batch_norm call normalizes."""
+        k, c = self.weight.shape
+        if self.spatial:
+            return _channels(x, layout, k)
+        if layout == "shared":
+            return x.repeat(1, k)
+        return x.transpose(0, 1).reshape(x.shape[1], k * c)
+
     def forward(self, x: torch.Tensor, layout: str) -> Act:
         k, c = self.weight.shape
         if self.training:
             self.num_batches_tracked += 1
-        if self.spatial:
-            y = _channels(x, layout, k)
-        elif layout == "shared":
-            y = x.repeat(1, k)  # (B, K*F), member-major
-        else:
-            y = x.transpose(0, 1).reshape(x.shape[1], k * c)
+        y = self.channels(x, layout)
         y = F.batch_norm(y, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
                          self.bias.view(-1), self.training, self.momentum, self.eps)
         if self.spatial:
@@ -192,3 +196,7 @@ class StackedNet(nn.Module):
             for key, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
                 state[f"{name}.{key}"] = t[i].detach().clone()
         return state
+
+
+def bn_layers(net: StackedNet) -> list[StackedBatchNorm]:
+    return [layer for layer in net.layers if isinstance(layer, StackedBatchNorm)]

@@ -69,13 +69,19 @@ def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
     return instantiate(cfg.data)
 
 
-def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
-                      test_acc: float) -> dict[str, float]:
-    """Test metrics with population and small-batch BN statistics (see inference.py)."""
+def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule, test_acc: float,
+                      precise: tuple[float, float] | None = None) -> dict[str, float]:
+    """Test metrics with population and small-batch BN statistics (see inference.py).
+
+    ``precise``: (test loss, test accuracy) with population statistics, when measured already.
+    """
     t = dm.tensors
+    want_precise = cfg.train.get("precise_bn", True)
     out = inference.eval_modes(model, t["train_x"], t["test_x"], t["test_y"],
-                               cfg.train.get("eval_batch_sizes") or (), precise=cfg.train.get("precise_bn", True),
+                               cfg.train.get("eval_batch_sizes") or (), precise=want_precise and precise is None,
                                chunk=dm.eval_batch_size)
+    if want_precise and precise is not None:
+        out["test_loss_precise"], out["test_acc_precise"] = precise
     if "test_acc_precise" in out:
         out["precise_bn_gain"] = out["test_acc_precise"] - test_acc  # (b) - (a)
     return out
@@ -112,9 +118,9 @@ def final_metrics(cfg: DictConfig, history: list[dict[str, float]], outcome: str
 
 
 def test_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule, test_loss: float,
-                 test_acc: float) -> dict[str, float]:
+                 test_acc: float, precise: tuple[float, float] | None = None) -> dict[str, float]:
     """A completed run's test metrics: running averages, then population and small-batch statistics."""
-    return {"test_acc": test_acc, "test_loss": test_loss, **inference_metrics(cfg, model, dm, test_acc)}
+    return {"test_acc": test_acc, "test_loss": test_loss, **inference_metrics(cfg, model, dm, test_acc, precise)}
 
 
 def close_tracker(tracker: tracking.RunTracker, cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
