@@ -178,7 +178,7 @@ def test_gpu_population_matches_cpu_and_steps_without_host_sync(tmp_path: Path) 
     opt = StackedOptimizer(list(net.parameters()), {"_target_": "torch.optim.SGD", "momentum": 0.9},
                            torch.tensor([0.05, 0.2, 0.1]))
     x, y = torch.rand(32, 1, 28, 28, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    sums = torch.zeros(3, 3, device="cuda")
+    sums = torch.zeros(3, 2, device="cuda")
     train_step(net, opt, x, y, False, sums)  # warm-up: lazy state allocation
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -125,18 +125,23 @@ class BatchOrder:
 
 
 def train_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch.Tensor, per_member: bool,
-               sums: torch.Tensor) -> None:
-    """One optimizer step of every member; adds (loss*n, correct, n) per member to ``sums`` (no host sync)."""
+               sums: torch.Tensor) -> int:
+    """One optimizer step of every member; adds (loss*n, correct) per member to ``sums`` (no host sync).
+
+    Returns n, the batch size (the same for every member).
+    """
     logits = net(x, per_member)
     k, b, c = logits.shape
-    target = y if per_member else y.expand(k, b)
+    target = y if per_member else y.repeat(k)
     losses = F.cross_entropy(logits.reshape(k * b, c), target.reshape(-1), reduction="none").view(k, b).mean(1)
     opt.zero_grad()
     losses.sum().backward()  # member k's gradients come from its own loss only
     opt.step()
     with torch.no_grad():
-        correct = (logits.argmax(2) == target).sum(1)
-        sums += torch.stack([losses * b, correct.to(sums.dtype), torch.full_like(losses, b)], 1)
+        correct = logits.argmax(2).view(-1) == target.view(-1)
+        sums[:, 0].add_(losses, alpha=b)
+        sums[:, 1] += correct.view(k, b).sum(1)
+    return b
 
 
 @torch.no_grad()
@@ -169,7 +174,7 @@ class Population:
         t = dm.tensors
         self.order = BatchOrder(t["train_x"], t["train_y"], dm.batch_size, [int(m.cfg.data.seed) for m in members])
         self.chunk_steps, self.max_loss = dm.chunk_steps, float(base.train.max_loss)
-        self.sums = torch.zeros(len(members), 3, device=device)
+        self.sums = torch.zeros(len(members), 2, device=device)  # per member: loss * n, correct
         self.clock = time.perf_counter()
 
     def charge(self) -> None:
@@ -211,12 +216,13 @@ class Population:
         for m in self.active:
             m.epoch_time = 0.0
         self.sums.zero_()
+        n = 0
         steps, per_member = self.order.epoch([int(m.cfg.data.seed) for m in self.active])
         for start in range(0, len(steps), self.chunk_steps):
             for idx in steps[start : start + self.chunk_steps]:
-                train_step(self.net, self.opt, t["train_x"][idx], t["train_y"][idx], per_member, self.sums)
+                n += train_step(self.net, self.opt, t["train_x"][idx], t["train_y"][idx], per_member, self.sums)
             # One host sync per chunk, as a single run: stop a diverging member at once.
-            mean_loss = (self.sums[:, 0] / self.sums[:, 2]).tolist()
+            mean_loss = [loss / n for loss in self.sums[:, 0].tolist()]
             self.charge()
             bad = [j for j, v in enumerate(mean_loss) if not math.isfinite(v) or v > self.max_loss]
             if not bad:
@@ -231,7 +237,7 @@ class Population:
                 one = len({int(m.cfg.data.seed) for m in self.active}) == 1
                 steps = [s[keep[0]] if one else s.index_select(0, keep) for s in steps]
                 per_member = not one
-        train = [(loss / n, correct / n) for loss, correct, n in self.sums.tolist()]
+        train = [(loss / n, correct / n) for loss, correct in self.sums.tolist()]
         val = evaluate(self.net, t["val_x"], t["val_y"], self.dm.eval_batch_size)
         self.charge()
         pruned = []
