@@ -93,7 +93,7 @@ def device_of(cfg: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-@dataclass
+@dataclass(eq=False)
 class Member:
     """One trial inside the population: its config, its run, and its share of the time."""
 
@@ -235,7 +235,7 @@ class Population:
                 return
             if per_member:  # the survivors' own orders; a single one left is one index tensor per step
                 one = len({int(m.cfg.data.seed) for m in self.active}) == 1
-                steps = [s[keep[0]] if one else s.index_select(0, keep) for s in steps]
+                steps = [s[int(keep[0])] if one else s.index_select(0, keep) for s in steps]
                 per_member = not one
         train = [(loss / n, correct / n) for loss, correct in self.sums.tolist()]
         val = evaluate(self.net, t["val_x"], t["val_y"], self.dm.eval_batch_size)
