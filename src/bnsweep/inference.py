@@ -46,8 +46,8 @@ def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
     model = copy.deepcopy(model).eval()
     for bn in layers(model):
         mean, var = _input_statistics(model, bn, train_x, chunk, channels)
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype).view_as(bn.running_mean))
-        bn.running_var.copy_(var.to(bn.running_var.dtype).view_as(bn.running_var))
+        for buf, value in ((bn.running_mean, mean), (bn.running_var, var)):
+            buf.view(-1, value.numel()).copy_(value.to(buf.dtype))  # (stacked: one row per member, or all alike)
     return model
 
 

@@ -266,8 +266,9 @@ class Population:
         test = evaluate(self.net, t["test_x"], t["test_y"], chunk)
         precise: list = [None] * len(self.active)
         if self.members[0].cfg.train.get("precise_bn", True):  # population statistics of all members at once
-            net = inference.precise_bn(self.net, t["train_x"], chunk, layers=bn_layers,
-                                       channels=lambda bn, x, layout: bn.channels(x, layout))
+            net = inference.precise_bn(  # (an input BN's input is the same for all: measured once)
+                self.net, t["train_x"], chunk, layers=bn_layers,
+                channels=lambda bn, x, layout: x if layout == "shared" else bn.channels(x, layout))
             precise = evaluate(net, t["test_x"], t["test_y"], chunk)
         for j, m in enumerate(self.active):
             m.model.load_state_dict(self.net.member_state(j))
