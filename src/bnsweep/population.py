@@ -144,9 +144,16 @@ def train_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch
     return b
 
 
+def eval_chunk(chunk: int, k: int) -> int:
+    """Inputs per evaluation call: ``data.eval_batch_size`` split among the members (K times the work per
+    input), so that a call's activations stay in cache. Evaluation is per input: the numbers do not change."""
+    return max(64, chunk // k)
+
+
 @torch.no_grad()
 def evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list[tuple[float, float]]:
     """(mean loss, accuracy) per member in eval mode (BN running statistics), ``chunk`` inputs per call."""
+    chunk = eval_chunk(chunk, net.k)
     was_training = net.training
     net.eval()
     sums = torch.zeros(net.k, 2, device=x.device)
@@ -267,7 +274,7 @@ class Population:
         precise: list = [None] * len(self.active)
         if self.members[0].cfg.train.get("precise_bn", True):  # population statistics of all members at once
             net = inference.precise_bn(  # (an input BN's input is the same for all: measured once)
-                self.net, t["train_x"], chunk, layers=bn_layers,
+                self.net, t["train_x"], eval_chunk(chunk, self.net.k), layers=bn_layers,
                 channels=lambda bn, x, layout: x if layout == "shared" else bn.channels(x, layout))
             precise = evaluate(net, t["test_x"], t["test_y"], chunk)
         for j, m in enumerate(self.active):
