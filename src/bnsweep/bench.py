@@ -6,6 +6,9 @@ in-memory DataModule, MLflow logging) against a bare PyTorch loop over the same 
 Sweep: trials/hour of the tiny sweep with 1 and 2 workers, and the orchestration overhead per trial
 (sweep wall time minus each trial's own fit and test evaluation, which are printed beside it).
 Latency (bnsweep.latency): no-BN / BN / BN-folded forward passes at batch 1 and 1024, side by side.
+Population (bnsweep.population): trials/hour of K = 1 (one trial at a time, the ordinary path), 8, 32
+(and 128 on a GPU) trials trained as one stacked network, interleaved, and the fraction of the
+machine's matmul peak that training reaches.
 """
 
 from __future__ import annotations
@@ -100,7 +103,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measured run")
     ap.add_argument("--trials", type=int, default=6, help="trials per cell in the sweep benchmark (2 cells)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-worker sweep pairs")
-    ap.add_argument("--only", choices=["training", "sweep", "latency"], default=None)
+    ap.add_argument("--only", choices=["training", "sweep", "latency", "population"], default=None)
+    ap.add_argument("--sizes", default=None, help="population sizes, e.g. 1,8,32 (default; 1,8,32,128 on a GPU)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the population sizes")
+    ap.add_argument("--pop-epochs", type=int, default=1, help="epochs per trial in the population bench")
+    ap.add_argument("--cpu", action="store_true", help="population bench on the CPU even when a GPU is there")
     args = ap.parse_args()
     print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     if args.only in (None, "training"):
@@ -111,6 +118,11 @@ def main() -> None:
         from bnsweep.latency import report as report_latency
 
         report_latency()
+    if args.only in (None, "population"):
+        from bnsweep.popbench import report as report_population
+
+        sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
+        report_population(args.pop_epochs, sizes, args.rounds, gpu=not args.cpu)
 
 
 def report_sweep(trials: int, repeats: int) -> None:

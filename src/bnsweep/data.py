@@ -264,13 +264,18 @@ class MinibatchChunks:
     def __len__(self) -> int:
         return -(-self.steps // self.chunk_steps)
 
-    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    def batch_indices(self) -> list[torch.Tensor]:
+        """The next epoch's mini-batches as index tensors on the data's device (advances the order)."""
         n = len(self.x)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         order = order.to(self.x.device)
         idx = list(order.split(self.batch_size))
         if len(idx) > 1 and len(idx[-1]) == 1:  # BN cannot train on a batch of one: merge it
             idx[-2:] = [torch.cat(idx[-2:])]
+        return idx
+
+    def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        idx = self.batch_indices()
         for i in range(0, len(idx), self.chunk_steps):
             yield [(self.x[j], self.y[j]) for j in idx[i : i + self.chunk_steps]]
 

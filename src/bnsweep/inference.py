@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +29,23 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, BN_TYPES)]
 
 
+@dataclass(frozen=True)
+class Walk:
+    """How ``precise_bn`` steps through a network: a flat ``nn.Sequential`` by default.
+
+    stacked.py's populations pass their own: a state of (tensor, layout) and stacked BN layers.
+    """
+
+    layers: Callable[[nn.Module], Sequence[nn.Module]] = lambda model: list(model.children())
+    start: Callable[[torch.Tensor], Any] = lambda x: x  # an input chunk -> the state the layers pass on
+    step: Callable[[nn.Module, Any], Any] = lambda layer, state: layer(state)
+    channels: Callable[[nn.Module, Any], torch.Tensor] = lambda bn, state: state  # what a BN normalizes: (N, C, ...)
+    is_bn: Callable[[nn.Module], bool] = lambda module: isinstance(module, BN_TYPES)
+
+
 @torch.no_grad()
-def precise_bn(model: nn.Sequential, train_x: torch.Tensor, chunk: int = 1000,
-               cache_bytes: int = 256 * 2**20) -> nn.Sequential:
+def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
+               cache_bytes: int = 256 * 2**20, walk: Walk = Walk()) -> nn.Module:
     """A copy of ``model`` whose BN layers hold the training set's population statistics.
 
     BN layers are measured in network order, so that layer k's statistics describe the inputs it
@@ -39,29 +55,34 @@ def precise_bn(model: nn.Sequential, train_x: torch.Tensor, chunk: int = 1000,
     the whole job costs about one forward pass over the training set; else it restarts from the input.
     """
     model = copy.deepcopy(model).eval()
-    layers = list(model.children())
-    if sum(isinstance(m, BN_TYPES) for m in layers) != len(bn_layers(model)):
-        raise TypeError("precise_bn walks a flat nn.Sequential: every BN must be one of its children")
-    cached: list[torch.Tensor] | None = None  # inputs of layers[done:], chunk by chunk
+    layers = walk.layers(model)
+    if sum(map(walk.is_bn, layers)) != sum(map(walk.is_bn, model.modules())):
+        raise TypeError("precise_bn walks the network's top-level layers: every BN must be one of them")
+    cached: list[Any] | None = None  # the states entering layers[done], chunk by chunk
     done = 0
     for k, bn in enumerate(layers):
-        if not isinstance(bn, BN_TYPES):
+        if not walk.is_bn(bn):
             continue
         if cached is None:
-            cached, done = list(train_x.split(chunk)), 0
-        inputs = [_run(layers[done:k], x) for x in cached]
-        mean, var = _channel_statistics(inputs)
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
-        fits = sum(x.numel() * x.element_size() for x in inputs) <= cache_bytes
-        cached, done = (inputs, k) if fits else (None, 0)
+            cached, done = [walk.start(x) for x in train_x.split(chunk)], 0
+        states = [_run(walk, layers[done:k], state) for state in cached]
+        mean, var = _channel_statistics([walk.channels(bn, state) for state in states])
+        for buf, value in ((bn.running_mean, mean), (bn.running_var, var)):
+            buf.view(-1, value.numel()).copy_(value.to(buf.dtype))  # (stacked: one row per member, or all alike)
+        fits = sum(_nbytes(state) for state in states) <= cache_bytes
+        cached, done = (states, k) if fits else (None, 0)
     return model
 
 
-def _run(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+def _run(walk: Walk, layers: Sequence[nn.Module], state: Any) -> Any:
     for layer in layers:
-        x = layer(x)
-    return x
+        state = walk.step(layer, state)
+    return state
+
+
+def _nbytes(state: Any) -> int:
+    parts = state if isinstance(state, tuple) else (state,)
+    return sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
 
 
 def _channel_statistics(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,8 +108,12 @@ class ClassifierModule(pl.LightningModule):
     # ------------------------------------------------------------------ summary
 
     def summary_metrics(self, budget: int) -> dict[str, float]:
-        """best_val_acc, epochs_to_converge and converged from the history (see metrics.py)."""
-        val = [row["val_acc"] for row in self.history]
-        epochs, converged = epochs_to_converge(val, self.target_acc, budget)
-        return {"best_val_acc": max(val, default=0.0), "epochs_to_converge": epochs,
-                "converged": converged, "epochs_run": len(val)}
+        return summary_metrics(self.history, self.target_acc, budget)
+
+
+def summary_metrics(history: list[dict[str, float]], target_acc: float, budget: int) -> dict[str, float]:
+    """best_val_acc, epochs_to_converge and converged from a run's history (see metrics.py)."""
+    val = [row["val_acc"] for row in history]
+    epochs, converged = epochs_to_converge(val, target_acc, budget)
+    return {"best_val_acc": max(val, default=0.0), "epochs_to_converge": epochs,
+            "converged": converged, "epochs_run": len(val)}

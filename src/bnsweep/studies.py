@@ -186,5 +186,8 @@ class Heartbeat(pl.Callback):
     def __init__(self, storage: BaseStorage, trial: optuna.Trial) -> None:
         self.storage, self.trial_id = storage, trial._trial_id
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+    def beat(self) -> None:
         self.storage.set_trial_user_attr(self.trial_id, "heartbeat", time.time())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.beat()

@@ -252,7 +252,10 @@ def resolve_tracking(cfg: DictConfig) -> str:
 
 
 def open_sweep(cfg: DictConfig) -> Sweep:
-    spec = parse(cfg.sweep, list(cfg.overrides or []))
+    raw = OmegaConf.to_container(cfg.sweep, resolve=True)
+    if cfg.get("population") is not None:  # how to run, not what: a command-line choice
+        raw["population"] = cfg.population
+    spec = parse(raw, list(cfg.overrides or []))
     workers = cfg.get("workers") or len(os.sched_getaffinity(0))
     if workers < 1:
         raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")

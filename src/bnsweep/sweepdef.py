@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import validate
 from bnsweep.errors import ConfigError, check_choice, check_range
+from bnsweep.population import check as population_check
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -30,7 +31,7 @@ GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "experiment")
 SAMPLERS = ("tpe", "random", "grid", "qmc")
 PRUNERS = ("none", "median", "hyperband")
 SPEC_KEYS = {"name", "description", "base", "grid", "search", "sampler", "pruner", "n_trials", "epochs",
-             "target_acc", "repeats"}
+             "target_acc", "repeats", "population"}
 
 
 def compose_train(overrides: Sequence[str]) -> DictConfig:
@@ -116,6 +117,7 @@ class SweepSpec:
     target_acc: float = 0.9
     description: str = ""
     repeats: int = 0  # extra seeds at the cell's best LR, once its LR search is done (slots n_trials..)
+    population: int = 1  # trials of a cell trained together as one stacked network (population.py)
 
     # ------------------------------------------------------------------ cells
 
@@ -174,7 +176,7 @@ class SweepSpec:
         """What a worker needs, as JSON for the study's user attributes."""
         return {"sweep": self.name, "sampler": self.sampler, "pruner": self.pruner,
                 "n_trials": self.n_trials, "epochs": self.epochs, "target_acc": self.target_acc,
-                "repeats": self.repeats,
+                "repeats": self.repeats, "population": self.population,
                 "search": {p.key: optuna.distributions.distribution_to_json(p.dist) for p in self.params}}
 
     @classmethod
@@ -182,7 +184,8 @@ class SweepSpec:
         params = [Param(k, optuna.distributions.json_to_distribution(v)) for k, v in attrs["search"].items()]
         return cls(name=attrs["sweep"], grid={}, params=params, sampler=dict(attrs["sampler"]),
                    pruner=dict(attrs["pruner"]), n_trials=attrs["n_trials"], epochs=attrs["epochs"],
-                   target_acc=attrs["target_acc"], repeats=attrs.get("repeats", 0))
+                   target_acc=attrs["target_acc"], repeats=attrs.get("repeats", 0),
+                   population=attrs.get("population", 1))
 
 
 # ---------------------------------------------------------------------- parsing
@@ -263,7 +266,8 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
                      epochs=check_range("sweep.epochs", raw.get("epochs", 3), 1),
                      target_acc=check_range("sweep.target_acc", raw.get("target_acc", 0.9), 0, 1, low_open=True),
                      description=str(raw.get("description", "")),
-                     repeats=check_range("sweep.repeats", raw.get("repeats", 3), 0))
+                     repeats=check_range("sweep.repeats", raw.get("repeats", 3), 0),
+                     population=_population(raw.get("population"), params))
     try:
         spec.make_sampler()
         spec.make_pruner()
@@ -276,6 +280,23 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
             raise ConfigError(f"sweep cell {cell.name}: {str(e).splitlines()[0]}") from None
         try:
             validate(cfg)
+            if spec.population > 1:
+                population_check(cfg)
         except ConfigError as e:
             raise ConfigError(f"sweep cell {cell.name}: {e}") from None
     return spec
+
+
+def _population(value: Any, params: list[Param]) -> int:
+    """``population``: how many trials of a cell train together (null or 1: one at a time)."""
+    if value is None:
+        return 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"sweep.population={value!r} is not allowed; it must be an integer >= 1 "
+                          "(trials of a cell trained together; 1: one at a time)")
+    other = [p.key for p in params if p.key != "optimizer.lr"]
+    if value > 1 and other:
+        raise ConfigError(f"sweep.population={value} is not allowed with sweep.search over {', '.join(other)}; "
+                          "population members differ only in optimizer.lr (and seed): search only optimizer.lr, "
+                          "or use population: 1")
+    return value

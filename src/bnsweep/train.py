@@ -28,7 +28,7 @@ from bnsweep.data import InMemoryDataModule
 from bnsweep.diagnostics import Diagnostics
 from bnsweep.errors import run_app
 from bnsweep.models import param_counts, summary
-from bnsweep.module import ClassifierModule, TrainingDiverged
+from bnsweep.module import ClassifierModule, TrainingDiverged, summary_metrics
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 log = logging.getLogger("bnsweep")
@@ -69,16 +69,76 @@ def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
     return instantiate(cfg.data)
 
 
-def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
-                      test_acc: float) -> dict[str, float]:
-    """Test metrics with population and small-batch BN statistics (see inference.py)."""
+def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule, test_acc: float,
+                      precise: tuple[float, float] | None = None) -> dict[str, float]:
+    """Test metrics with population and small-batch BN statistics (see inference.py).
+
+    ``precise``: (test loss, test accuracy) with population statistics, when measured already.
+    """
     t = dm.tensors
+    want_precise = cfg.train.get("precise_bn", True)
     out = inference.eval_modes(model, t["train_x"], t["test_x"], t["test_y"],
-                               cfg.train.get("eval_batch_sizes") or (), precise=cfg.train.get("precise_bn", True),
+                               cfg.train.get("eval_batch_sizes") or (), precise=want_precise and precise is None,
                                chunk=dm.eval_batch_size)
+    if want_precise and precise is not None:
+        out["test_loss_precise"], out["test_acc_precise"] = precise
     if "test_acc_precise" in out:
         out["precise_bn_gain"] = out["test_acc_precise"] - test_acc  # (b) - (a)
     return out
+
+
+def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background: bool) -> tracking.RunTracker:
+    return tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
+                               parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background)
+
+
+def stage_run(tracker: tracking.RunTracker, cfg: DictConfig, dm: InMemoryDataModule, model: torch.nn.Module,
+              device: torch.device, tags: dict[str, str] | None) -> None:
+    """Params, tags and parameter counts (sent with the first epoch) and the config/summary artifacts."""
+    tracker.stage(  # sent with the first epoch's metrics: one request fewer
+        params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
+        tags={"git_commit": tracking.git_commit(), "mlflow.source.git.commit": tracking.git_commit(),
+              "data_source": dm.origin, "torch_version": torch.__version__,
+              "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+              **(tags or {})},
+        metrics=param_counts(model),
+    )
+    tracker.log_files({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+                       "model_summary.txt": summary(model, dm.in_shape)})
+
+
+def final_metrics(cfg: DictConfig, history: list[dict[str, float]], outcome: str, runtime: float,
+                  counts: dict[str, int]) -> dict[str, float]:
+    """What every run logs at its end, whatever its outcome (see metrics.py for the censoring)."""
+    final = {**summary_metrics(history, cfg.train.target_acc, int(cfg.trainer.max_epochs)), "runtime_s": runtime,
+             "diverged": float(outcome == "diverged"), **counts}
+    if history:
+        final["s_per_epoch"] = sum(r["epoch_time_s"] for r in history) / len(history)
+    return final
+
+
+def test_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule, test_loss: float,
+                 test_acc: float, precise: tuple[float, float] | None = None) -> dict[str, float]:
+    """A completed run's test metrics: running averages, then population and small-batch statistics."""
+    return {"test_acc": test_acc, "test_loss": test_loss, **inference_metrics(cfg, model, dm, test_acc, precise)}
+
+
+def close_tracker(tracker: tracking.RunTracker, cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
+                  final: dict[str, float], outcome: str, step: int) -> None:
+    """Log the final metrics (and a completed run's weights) and end the MLflow run."""
+    if outcome == "completed" and cfg.tracking.get("log_model", True):
+        tracker.log_files({checkpoint.ARTIFACT: checkpoint.to_bytes(
+            model, OmegaConf.to_container(cfg.model, resolve=True), dm.in_shape, dm.num_classes,
+            OmegaConf.to_container(cfg, resolve=True))})
+    tracker.log(final, step=step, tags={"diverged": str(outcome == "diverged").lower(), "outcome": outcome})
+    tracker.finish("FINISHED")
+
+
+def abort_tracker(tracker: tracking.RunTracker, e: BaseException) -> None:
+    """A run stopped by an error (FAILED) or from outside (KILLED): say why, end it, wait for it."""
+    tracker.log(tags={"error": f"{type(e).__name__}: {e}"[:5000]})
+    tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+    tracker.close()
 
 
 def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = None,
@@ -106,27 +166,15 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     module = ClassifierModule(model, instantiate(cfg.optimizer),
                               target_acc=cfg.train.target_acc, max_loss=cfg.train.max_loss)
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
-    tracker = None
-    if track:
-        tracker = tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
-                                      parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir,
-                                      background=background_logging)
+    tracker = new_tracker(cfg, uri, parent_run_id, background_logging) if track else None
+    if tracker:
         all_callbacks.append(tracking.EpochLogger(tracker))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
     device = trainer.strategy.root_device
     model.to(device)
     counts = param_counts(model)
     if tracker:
-        tracker.stage(  # sent with the first epoch's metrics: one request fewer
-            params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
-            tags={"git_commit": tracking.git_commit(), "mlflow.source.git.commit": tracking.git_commit(),
-                  "data_source": dm.origin, "torch_version": torch.__version__,
-                  "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-                  **(tags or {})},
-            metrics=counts,
-        )
-        tracker.log_files({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-                           "model_summary.txt": summary(model, dm.in_shape)})
+        stage_run(tracker, cfg, dm, model, device, tags)
 
     outcome = "completed"
     start = time.perf_counter()
@@ -141,29 +189,16 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         runtime = time.perf_counter() - start
         if tracker and diagnostics:
             tracker.log_files({Diagnostics.ARTIFACT: diagnostics.to_csv()})
-        final = {**module.summary_metrics(int(cfg.trainer.max_epochs)), "runtime_s": runtime,
-                 "diverged": float(outcome == "diverged"), **counts}
-        if module.history:
-            final["s_per_epoch"] = sum(r["epoch_time_s"] for r in module.history) / len(module.history)
+        final = final_metrics(cfg, module.history, outcome, runtime, counts)
         if outcome == "completed":
             evaluated = time.perf_counter()
-            test_loss, test_acc = module.evaluate(dm.test_dataloader())
-            final |= {"test_acc": test_acc, "test_loss": test_loss}
-            final |= inference_metrics(cfg, model, dm, test_acc)
-            final["eval_time_s"] = time.perf_counter() - evaluated  # test set, every eval mode
-            if tracker and cfg.tracking.get("log_model", True):
-                tracker.log_files({checkpoint.ARTIFACT: checkpoint.to_bytes(
-                    model, OmegaConf.to_container(cfg.model, resolve=True), dm.in_shape, dm.num_classes,
-                    OmegaConf.to_container(cfg, resolve=True))})
+            final |= test_metrics(cfg, model, dm, *module.evaluate(dm.test_dataloader()))
+            final["eval_time_s"] = time.perf_counter() - evaluated  # the test set in every eval mode
         if tracker:
-            tracker.log(final, step=len(module.history),
-                        tags={"diverged": str(outcome == "diverged").lower(), "outcome": outcome})
-            tracker.finish("FINISHED")
+            close_tracker(tracker, cfg, model, dm, final, outcome, len(module.history))
     except BaseException as e:
         if tracker:
-            tracker.log(tags={"error": f"{type(e).__name__}: {e}"[:5000]})
-            tracker.finish("KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
-            tracker.close()
+            abort_tracker(tracker, e)
         raise
     if tracker and not background_logging:
         tracker.close()

@@ -23,17 +23,19 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from bnsweep.config import instantiate
 from bnsweep.data import InMemoryDataModule
+from bnsweep.population import run_population
 from bnsweep.studies import Heartbeat, best_trial, claim, counts, open_storage, repeats_blocked, sweep_studies
 from bnsweep.sweepdef import SweepSpec, compose_train
-from bnsweep.train import quiet_lightning, run_training
+from bnsweep.train import RunResult, quiet_lightning, run_training
 
 log = logging.getLogger("bnsweep.worker")
 
 
 class Worker:
     def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
-                 seed_offset: int = 0) -> None:
+                 seed_offset: int = 0, population: int | None = None) -> None:
         self.storage = open_storage(storage_url)
+        self.population = population  # None: each sweep's own (study attribute "population")
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
         self.seed_offset = seed_offset
         # One study object per cell, with this worker's own sampler and pruner: a sampler keeps
@@ -77,31 +79,47 @@ class Worker:
                 return study, trial
         return None
 
-    def run_trial(self, study: optuna.Study, trial: optuna.Trial) -> None:
+    def next_trials(self, limit: int | None = None) -> tuple[optuna.Study, list[optuna.Trial]] | None:
+        """A trial, and with population training up to K-1 more WAITING trials of the same cell."""
+        nxt = self.next_trial()
+        if nxt is None:
+            return None
+        study, trial = nxt
+        k = self.population or int(study.user_attrs.get("population") or 1)
+        trials = [trial]
+        while len(trials) < min(k, limit or k) and (more := claim(self.storage, study)) is not None:
+            trials.append(more)
+        return study, trials
+
+    # ------------------------------------------------------------------ one trial's pieces
+
+    def trial_config(self, study: optuna.Study, trial: optuna.Trial) -> DictConfig | None:
+        """The trial's train config (its sampled or repeated params); None if it already failed."""
         spec = SweepSpec.from_attrs(study.user_attrs)
         cfg = self.config(study).copy()
         repeat = trial.user_attrs.get("repeat")
         if repeat and not self.set_repeat(study, trial, spec, cfg):
-            return
+            return None
         for p in spec.params if not repeat else ():
             OmegaConf.update(cfg, p.key, p.suggest(trial), merge=False)
         OmegaConf.update(cfg, "tracking.run_name", f"trial {trial.number}", merge=False)
-        tags = {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
+        return cfg
+
+    def tags(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
+        repeat = trial.user_attrs.get("repeat")
+        return {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
                 "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": self.sweep,
                 "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
                 **({"bnsweep.repeat": str(repeat)} if repeat else {})}
-        pruning = [] if repeat else [PyTorchLightningPruningCallback(trial, monitor="val_acc")]  # full budget
-        try:
-            result = run_training(
-                cfg, datamodule=self.datamodule(cfg), tags=tags,
-                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                callbacks=[*pruning, Heartbeat(self.storage, trial)])
-        except Exception as e:  # one trial's crash is recorded; the sweep goes on
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
-            log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        self.flush(keep=1)  # the previous trial's requests overlapped this trial's training
+
+    def fail(self, study: optuna.Study, trial: optuna.Trial, e: Exception) -> None:
+        """One trial's crash is recorded; the sweep goes on."""
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+        log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
+        study.tell(trial, state=TrialState.FAIL)
+
+    def record(self, study: optuna.Study, trial: optuna.Trial, result: RunResult) -> None:
+        """Tell Optuna how the trial ended; its MLflow requests finish in the background."""
         self.trackers.append(result.tracker)
         trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
         trial.set_user_attr("run", {"mlflow_run_id": result.run_id, "outcome": result.outcome,
@@ -111,6 +129,55 @@ class Worker:
         else:  # pruned, or diverged: a bad region the sampler should learn to avoid
             trial.set_user_attr("diverged", result.outcome == "diverged")
             study.tell(trial, state=TrialState.PRUNED)
+
+    # ------------------------------------------------------------------ running
+
+    def run_claimed(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        """Run claimed trials of one cell: one alone, several as a population."""
+        members = [(t, cfg) for t in trials if (cfg := self.trial_config(study, t)) is not None]
+        if len(members) == 1:
+            self.run_trial(study, *members[0])
+        elif members:
+            self.run_members(study, members)
+
+    def run_trial(self, study: optuna.Study, trial: optuna.Trial, cfg: DictConfig) -> None:
+        pruning = [] if trial.user_attrs.get("repeat") else [  # repeats: the full budget
+            PyTorchLightningPruningCallback(trial, monitor="val_acc")]
+        try:
+            result = run_training(
+                cfg, datamodule=self.datamodule(cfg), tags=self.tags(study, trial),
+                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
+                callbacks=[*pruning, Heartbeat(self.storage, trial)])
+        except Exception as e:
+            self.fail(study, trial, e)
+            return
+        self.flush(keep=1)  # the previous trial's requests overlapped this trial's training
+        self.record(study, trial, result)
+
+    def run_members(self, study: optuna.Study, members: list[tuple[optuna.Trial, DictConfig]]) -> None:
+        """Several trials of one cell as one population (see population.py); each ends as its own trial."""
+        before = len(self.trackers)
+        trials, cfgs = [t for t, _ in members], [c for _, c in members]
+        try:
+            run_population(
+                cfgs, datamodule=self.datamodule(cfgs[0]), tags=[self.tags(study, t) for t in trials],
+                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
+                trials=[None if t.user_attrs.get("repeat") else t for t in trials],  # repeats: full budget
+                heartbeats=[Heartbeat(self.storage, t).beat for t in trials],
+                on_done=lambda i, result: self.record(study, trials[i], result))
+        except Exception as e:
+            for t in trials:
+                if not self.storage.get_trial(t._trial_id).state.is_finished():
+                    self.fail(study, t, e)
+        # the previous trials' requests overlapped this population's training: wait for those only
+        self.flush(keep=len(self.trackers) - before)
+
+    def give_back(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        """Stopped from outside (SIGTERM, Ctrl-C): unfinished trials become lost, to be retried."""
+        for t in trials:
+            if not self.storage.get_trial(t._trial_id).state.is_finished():
+                self.storage.set_trial_user_attr(t._trial_id, "lost", "worker stopped")
+                study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
 
     def set_repeat(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, cfg: DictConfig) -> bool:
         """A repeat trains at the cell's best LR with seed + k; False (trial failed) if there is none."""
@@ -136,20 +203,19 @@ class Worker:
     def run(self, max_trials: int | None = None) -> int:
         try:
             while max_trials is None or self.done < max_trials:
-                nxt = self.next_trial()
+                nxt = self.next_trials(None if max_trials is None else max_trials - self.done)
                 if nxt is None:
                     if any(repeats_blocked(s) for s in self.studies.values()):
                         time.sleep(1.0)  # repeats start when the cell's last LR trial (elsewhere) ends
                         continue
                     break
-                study, trial = nxt
+                study, trials = nxt
                 try:
-                    self.run_trial(study, trial)
-                except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slot back
-                    self.storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
-                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    self.run_claimed(study, trials)
+                except BaseException:
+                    self.give_back(study, trials)
                     raise
-                self.done += 1
+                self.done += len(trials)
         finally:
             self.flush()
         return self.done
@@ -162,13 +228,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", required=True, help="MLflow tracking server URL")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this worker")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to the sampler seed (one per worker)")
+    ap.add_argument("--population", type=int, default=None,
+                    help="trials trained together as one population (default: the sweep's own)")
     ap.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[worker {os.getpid()}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     quiet_lightning()
     torch.set_num_threads(args.threads)
-    worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset)
+    worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
+                    args.population)
     n = worker.run(args.max_trials)
     log.info("no trial left to claim; ran %d", n)
 
