@@ -251,10 +251,11 @@ class MinibatchChunks:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, chunk_steps: int,
-                 shuffle: bool, seed: int = 0) -> None:
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.x, self.y = x, y
         self.batch_size, self.chunk_steps, self.shuffle = batch_size, chunk_steps, shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world = rank, world  # DDP: every rank draws the same batches, keeps its shard
 
     @property
     def steps(self) -> int:
@@ -271,6 +272,8 @@ class MinibatchChunks:
         idx = list(order.split(self.batch_size))
         if len(idx) > 1 and len(idx[-1]) == 1:  # BN cannot train on a batch of one: merge it
             idx[-2:] = [torch.cat(idx[-2:])]
+        if self.world > 1:  # same permutation on every rank (same seed): shard each batch
+            idx = [j[self.rank :: self.world] for j in idx if len(j) >= 2 * self.world]
         for i in range(0, len(idx), self.chunk_steps):
             yield [(self.x[j], self.y[j]) for j in idx[i : i + self.chunk_steps]]
 
@@ -345,6 +348,10 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _batches(self, split: str, train: bool) -> MinibatchChunks:
         x, y = self.tensors[f"{split}_x"], self.tensors[f"{split}_y"]
         if train:
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None and trainer.world_size > 1:  # DDP: one backward per DDP forward
+                return MinibatchChunks(x, y, self.batch_size, 1, True, self.seed, trainer.global_rank,
+                                       trainer.world_size)
             return MinibatchChunks(x, y, self.batch_size, self.chunk_steps, True, self.seed)
         return MinibatchChunks(x, y, self.eval_batch_size, 1 << 30, False)
 

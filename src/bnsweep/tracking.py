@@ -216,6 +216,15 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
         return exp.experiment_id
 
 
+def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trials: list) -> None:
+    """End the MLflow runs of trials whose worker died (KILLED), so none stays RUNNING forever."""
+    for t in trials:
+        for run in client.search_runs(
+                [experiment_id], f"tags.`optuna.trial_id` = '{t._trial_id}' and "
+                f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
 class EpochLogger(pl.Callback):
     """Sends each epoch's history row to MLflow in one request (step = epoch, 1-based)."""
 

@@ -139,6 +139,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         except TrialPruned:
             outcome = "pruned"
         runtime = time.perf_counter() - start
+        if trainer.global_rank > 0:  # DDP: rank 0 alone evaluates and reports
+            return RunResult(None, {}, module.history, outcome)
         if tracker and diagnostics:
             tracker.log_files({Diagnostics.ARTIFACT: diagnostics.to_csv()})
         final = {**module.summary_metrics(int(cfg.trainer.max_epochs)), "runtime_s": runtime,

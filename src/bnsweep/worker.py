@@ -4,6 +4,11 @@ An independent process attached to the Optuna storage: it loads each dataset onc
 WAITING trials (fewest-finished cell first) and runs them in-process, one after another, until
 none is left. The same command runs on this machine or as a cluster job; everything about the
 sweep is read from the storage.
+
+A DDP worker is K such processes (RANK/WORLD_SIZE set by ``launch.rank_env``): rank 0 claims and
+reports; the others receive each trial's config from it and train their shard of every batch.
+With ``--recover`` (cluster jobs) a worker with nothing to claim stays while trials run elsewhere
+and takes over one whose worker died, so the sweep completes without its submitting command.
 """
 
 from __future__ import annotations
@@ -17,13 +22,26 @@ import traceback
 
 import optuna
 import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from bnsweep import tracking
 from bnsweep.config import instantiate
 from bnsweep.data import InMemoryDataModule
-from bnsweep.studies import Heartbeat, best_trial, claim, counts, open_storage, repeats_blocked, sweep_studies
+from bnsweep.studies import (
+    Heartbeat,
+    beating,
+    best_trial,
+    claim,
+    counts,
+    open_storage,
+    recover_study,
+    repeats_blocked,
+    sweep_studies,
+)
 from bnsweep.sweepdef import SweepSpec, compose_train
 from bnsweep.train import quiet_lightning, run_training
 
@@ -32,10 +50,15 @@ log = logging.getLogger("bnsweep.worker")
 
 class Worker:
     def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
-                 seed_offset: int = 0) -> None:
-        self.storage = open_storage(storage_url)
+                 seed_offset: int = 0, heartbeat_s: int = 30, stale_after_s: float = 900,
+                 recover: bool = False) -> None:
+        self.storage = open_storage(storage_url, heartbeat_s, stale_after_s)
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
-        self.seed_offset = seed_offset
+        self.seed_offset, self.stale_after_s, self.recover = seed_offset, stale_after_s, recover
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1 and not dist.is_initialized():  # one process group for the worker's life
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.control = dist.new_group(backend="gloo") if self.world > 1 else None
         # One study object per cell, with this worker's own sampler and pruner: a sampler keeps
         # its random state across trials (a fresh seeded sampler per trial would repeat its draws).
         self.studies = {s.study_name: self._with_sampler(s) for s in sweep_studies(self.storage, sweep)}
@@ -90,12 +113,15 @@ class Worker:
                 "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": self.sweep,
                 "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
                 **({"bnsweep.repeat": str(repeat)} if repeat else {})}
-        pruning = [] if repeat else [PyTorchLightningPruningCallback(trial, monitor="val_acc")]  # full budget
+        # Repeats get the full budget; a DDP trial is not pruned (the other ranks hold no trial).
+        pruning = [] if repeat or self.world > 1 else [PyTorchLightningPruningCallback(trial, monitor="val_acc")]
+        self.share(OmegaConf.to_container(cfg, resolve=True))
         try:
-            result = run_training(
-                cfg, datamodule=self.datamodule(cfg), tags=tags,
-                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                callbacks=[*pruning, Heartbeat(self.storage, trial)])
+            with beating(self.storage, trial):
+                result = run_training(
+                    cfg, datamodule=self.datamodule(cfg), tags=tags,
+                    parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
+                    callbacks=[*pruning, Heartbeat(self.storage, trial)])
         except Exception as e:  # one trial's crash is recorded; the sweep goes on
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
@@ -129,17 +155,53 @@ class Worker:
             OmegaConf.update(cfg, p.key, value, merge=False)
         return True
 
+    def share(self, obj: object) -> None:
+        """DDP: rank 0 sends the next trial's config (None: no trial left) to the other ranks."""
+        if self.world > 1:
+            dist.broadcast_object_list([obj], src=0, group=self.control)
+
+    def follow(self) -> int:
+        """DDP ranks > 0: train each config rank 0 shares, reporting nothing, until it says stop."""
+        while True:
+            box: list = [None]
+            dist.broadcast_object_list(box, src=0, group=self.control)
+            if box[0] is None:
+                return self.done
+            cfg = OmegaConf.create(box[0])
+            try:
+                run_training(cfg, datamodule=self.datamodule(cfg), track=False)
+            except Exception:
+                log.error("rank %d: trial failed:\n%s", self.rank, traceback.format_exc())
+            self.done += 1
+
+    def others_running(self) -> bool:
+        """Cluster workers wait while any trial runs elsewhere: its worker may die and need a successor."""
+        return self.recover and any(counts(s).get("running") for s in self.studies.values())
+
+    def recover_lost(self) -> None:
+        """Retry the trials of dead workers (as the driver does) and end their MLflow runs."""
+        for study in self.studies.values():
+            lost, _ = recover_study(self.storage, study, self.stale_after_s)
+            if lost:
+                client = MlflowClient(self.tracking_uri)
+                exp = tracking.get_or_create_experiment(client, study.user_attrs["mlflow_experiment"], None)
+                tracking.mark_killed(client, exp, study.study_name, lost)
+
     def flush(self, keep: int = 0) -> None:
         while len(self.trackers) > keep:
             self.trackers.pop(0).close()
 
     def run(self, max_trials: int | None = None) -> int:
+        if self.rank > 0:
+            return self.follow()
         try:
             while max_trials is None or self.done < max_trials:
                 nxt = self.next_trial()
                 if nxt is None:
-                    if any(repeats_blocked(s) for s in self.studies.values()):
+                    if any(repeats_blocked(s) for s in self.studies.values()) or self.others_running():
                         time.sleep(1.0)  # repeats start when the cell's last LR trial (elsewhere) ends
+                        if self.recover:
+                            self.recover_lost()
                         continue
                     break
                 study, trial = nxt
@@ -152,6 +214,7 @@ class Worker:
                 self.done += 1
         finally:
             self.flush()
+            self.share(None)
         return self.done
 
 
@@ -163,12 +226,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this worker")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to the sampler seed (one per worker)")
     ap.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
+    ap.add_argument("--heartbeat-s", type=int, default=30, help="PostgreSQL: heartbeat interval of a running trial")
+    ap.add_argument("--stale-after-s", type=float, default=900, help="a trial silent this long is retried")
+    ap.add_argument("--recover", action="store_true",
+                    help="stay while trials run elsewhere and retry those whose worker died (cluster jobs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[worker {os.getpid()}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     quiet_lightning()
     torch.set_num_threads(args.threads)
-    worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset)
+    worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
+                    args.heartbeat_s, args.stale_after_s, args.recover)
     n = worker.run(args.max_trials)
     log.info("no trial left to claim; ran %d", n)
 
