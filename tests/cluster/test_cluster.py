@@ -31,9 +31,9 @@ PG = os.environ.get("BNSWEEP_TEST_PG", "postgresql://postgres@127.0.0.1:54329/ci
 
 def _pg_up() -> bool:
     try:
-        import psycopg2
+        import psycopg
 
-        psycopg2.connect(PG, connect_timeout=3).close()
+        psycopg.connect(PG, connect_timeout=3).close()
         return True
     except Exception:
         return False
@@ -50,14 +50,11 @@ needs_slurm = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (make
 
 def new_database() -> str:
     """A fresh database on the test server, for one storage (or MLflow store)."""
-    import psycopg2
+    import psycopg
 
     name = f"t_{uuid.uuid4().hex[:12]}"
-    conn = psycopg2.connect(PG)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    conn.close()
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
     return PG.rsplit("/", 1)[0] + f"/{name}"
 
 
