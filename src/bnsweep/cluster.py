@@ -35,14 +35,15 @@ def pin_devices(slot: int, per_slot: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[slot * per_slot:(slot + 1) * per_slot])
 
 
-def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker: int, port: int) -> None:
+def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker: int) -> None:
     """One SLURM task: a worker (or one DDP rank of it) on its own GPU(s); runs in the job."""
     import submitit
 
-    local = submitit.JobEnvironment().local_rank
-    slot, rank = divmod(local, ranks)
+    env = submitit.JobEnvironment()
+    slot, rank = divmod(env.local_rank, ranks)
     pin_devices(slot, gpus_per_worker * ranks)
-    apply_env(rank_env(rank, ranks, port + slot))
+    port = 20000 + (int(env.raw_job_id) * 8 + slot) % 30000  # distinct per job and worker on a node
+    apply_env(rank_env(rank, ranks, port))
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     from bnsweep.worker import main
 
@@ -103,11 +104,10 @@ class SlurmLauncher:
         jobs_n = math.ceil(count / per_job)
         folder = Path(self.folder) if self.folder else log_dir / "slurm"
         ex = self.executor(folder, ranks, per_job)
-        port = 29500 + (os.getpid() % 1000) * 10
         offsets = [first + j * per_job for j in range(jobs_n)]
         try:
             jobs = ex.map_array(worker_task, [argv] * jobs_n, offsets, [ranks] * jobs_n,
-                                [self.gpus_per_worker] * jobs_n, [port] * jobs_n)
+                                [self.gpus_per_worker] * jobs_n)
         except Exception as e:  # sbatch's own message: unknown partition, account, too much memory...
             raise ConfigError(f"launcher=slurm: sbatch refused the workers: {str(e).strip().splitlines()[-1]}") from e
         ids = [j.job_id for j in jobs]
