@@ -57,6 +57,10 @@ class MlflowServer:
         self.log_file = self.store / "server.log"
 
     @property
+    def shared(self) -> bool:
+        return not self.backend_store.startswith("sqlite:") or self.host not in ("127.0.0.1", "localhost", "::1")
+
+    @property
     def uri(self) -> str:
         host = socket.getfqdn() if self.host in ("0.0.0.0", "::") else self.host  # what other nodes dial
         return f"http://{host}:{self.port}"
@@ -73,9 +77,11 @@ class MlflowServer:
         self.store.mkdir(parents=True, exist_ok=True)
         (self.store / "artifacts").mkdir(exist_ok=True)
         self.port = self.port or free_port(self.host)
-        cmd = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", self.backend_store,
-               "--default-artifact-root", str(self.store / "artifacts"),
+        # Shared use (another store, or reachable from other machines): clients send artifacts through
+        # the server, so nodes need no filesystem in common with it. Locally they write the files directly.
+        artifacts = (["--artifacts-destination", str(self.store / "artifacts")] if self.shared
+                     else ["--default-artifact-root", str(self.store / "artifacts")])
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store, *artifacts,
                "--host", self.host, "--port", str(self.port), "--workers", str(self.workers)]
         # MLflow's job runner (GenAI scorers, trace roll-ups) polls in 8 processes: ~1/4 of a core at
         # idle, taken from training. Tracking does not use it.

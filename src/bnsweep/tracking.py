@@ -164,7 +164,9 @@ class RunTracker:
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(content if isinstance(content, bytes) else content.encode())
-            get_artifact_repository(self._run.result().info.artifact_uri).log_artifacts(tmp)
+            # tracking_uri: an mlflow-artifacts:/ location (a shared server's proxy) resolves to our server
+            get_artifact_repository(self._run.result().info.artifact_uri,
+                                    tracking_uri=self.client.tracking_uri).log_artifacts(tmp)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (in the background if so built: call ``close`` before the process exits)."""

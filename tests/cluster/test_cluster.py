@@ -170,3 +170,25 @@ def test_postgresql_two_workers_never_claim_the_same_trial() -> None:
         p.join(30)
     assert sorted(claimed) == list(range(30))
     assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == 30
+
+
+def test_mlflow_basic_auth_takes_credentials_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    """tracking.auth: the server's admin is the env's user; no credentials, no access; the password is never logged."""
+    import urllib.error
+    import urllib.request
+
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sweeper")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    server = MlflowServer(tmp_path, auth=True)
+    uri = server.start()
+    try:
+        assert uri.startswith("http://127.0.0.1:")
+        assert MlflowClient(uri).create_experiment("auth-check")  # credentials from the environment
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert e.value.code == 401
+    finally:
+        server.stop()
+    assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
+                   and p.suffix in (".log", ".ini", ".url", ".pid"))
