@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -155,5 +156,6 @@ class SlurmLauncher:
 
 
 def reattach_hint(argv: list[str] | None = None) -> str:
+    """The command that follows a detached sweep: the same one, with ``action=status``."""
     args = [a for a in (argv or sys.argv[1:]) if not a.startswith(("action=", "launcher.wait="))]
-    return f"python -m bnsweep.sweep {' '.join(args)} action=status"
+    return f"python -m bnsweep.sweep {shlex.join(args)} action=status"
