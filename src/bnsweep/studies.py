@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,12 @@ def open_storage(url: str, heartbeat_s: int = 30, stale_after_s: float = 900) ->
         if url.startswith("sqlite"):
             raise ConfigError(f"storage={url!r} is not allowed: SQLite breaks with several worker processes; "
                               "use a journal file path (the default) or postgresql://...")
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-            engine_kwargs={"pool_pre_ping": True})
+        with warnings.catch_warnings():  # "experimental since 2.8": it is what Optuna offers for this
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                engine_kwargs={"pool_pre_ping": True})
     path = Path(url.removeprefix("journal://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
