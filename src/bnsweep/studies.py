@@ -190,7 +190,9 @@ def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float
     """
     if is_heartbeat_enabled(storage):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        fail_stale_trials(study)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
         return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
