@@ -349,10 +349,8 @@ class InMemoryDataModule(pl.LightningDataModule):
         x, y = self.tensors[f"{split}_x"], self.tensors[f"{split}_y"]
         if train:
             trainer = getattr(self, "trainer", None)
-            if trainer is not None and trainer.world_size > 1:  # DDP: one backward per DDP forward
-                return MinibatchChunks(x, y, self.batch_size, 1, True, self.seed, trainer.global_rank,
-                                       trainer.world_size)
-            return MinibatchChunks(x, y, self.batch_size, self.chunk_steps, True, self.seed)
+            shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)  # DDP
+            return MinibatchChunks(x, y, self.batch_size, self.chunk_steps, True, self.seed, *shard)
         return MinibatchChunks(x, y, self.eval_batch_size, 1 << 30, False)
 
     def train_dataloader(self) -> MinibatchChunks:
