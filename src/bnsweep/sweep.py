@@ -177,7 +177,8 @@ class Sweep:
                 self.announce_cells(bar, announced)
                 if time.monotonic() - last_check > 5 or not alive:
                     last_check = time.monotonic()
-                    if self.recover() and not alive and respawns < 2 * n_workers:
+                    left = self.recover() or self.totals().get("waiting", 0)
+                    if left and not alive and respawns < 2 * n_workers:
                         self.spawn(respawns, 1)  # a retried trial and nobody left to run it
                         respawns += 1
                         continue
