@@ -35,7 +35,8 @@ def rank_env(rank: int, ranks: int, port: int) -> dict[str, str]:
     if ranks <= 1:
         return {}
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(ranks), "RANK": str(rank),
-            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "SLURM_NTASKS": ""}
+            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "SLURM_NTASKS": "",
+            "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}  # all ranks on this node
 
 
 def apply_env(env: dict[str, str]) -> None:
