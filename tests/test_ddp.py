@@ -26,3 +26,5 @@ def test_ddp_trial_on_two_cpu_processes(mlflow_server: str, tmp_path: Path) -> N
     assert {"test_acc", "best_val_acc", "train_loss"} <= set(run.data.metrics)
     logs = sorted(p.name for p in (tmp_path / "sweeps" / name).glob("worker-*.log"))
     assert logs == ["worker-0-rank0.log", "worker-0-rank1.log"]  # one worker, two processes
+    rank1 = (tmp_path / "sweeps" / name / "worker-0-rank1.log").read_text()
+    assert "ran 1" in rank1 and "Error" not in rank1  # rank 1 trained the trial too (its shard)
