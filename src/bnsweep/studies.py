@@ -144,8 +144,7 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 trial = optuna.Trial(study, t._trial_id)
                 now = time.time()
-                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now,
-                                                "job": os.environ.get("SLURM_JOB_ID")})
+                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now, "job": slurm_job()})
                 trial.set_user_attr("heartbeat", now)
                 if is_heartbeat_enabled(storage):  # stale from now on if its worker dies before training
                     storage.record_heartbeat(t._trial_id)  # type: ignore[attr-defined]
@@ -153,6 +152,12 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def slurm_job() -> str | None:
+    """This process's SLURM job as squeue and scancel name it (``<array>_<task>`` in an array), if any."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def _pid_alive(pid: int) -> bool:
