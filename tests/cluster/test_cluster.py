@@ -115,7 +115,7 @@ def test_slurm_array_of_two_workers_exact_counts(pg_mlflow: str, tmp_path: Path)
 def test_cancelled_worker_trial_is_retried_and_sweep_completes(pg_mlflow: str, tmp_path: Path) -> None:
     """Detach, scancel one worker mid-trial, re-attach: Optuna's heartbeat retries the trial."""
     storage = new_database()
-    args = slurm_args("c_cancel", storage, pg_mlflow, tmp_path, "sweep.epochs=3", "heartbeat_s=2",
+    args = slurm_args("c_cancel", storage, pg_mlflow, tmp_path, "sweep.epochs=4", "heartbeat_s=2",
                       "stale_after_s=10", 'overrides=["data.limit_train=20000"]')
     out = sweep_cli(*args, "launcher.wait=false")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -129,7 +129,9 @@ def test_cancelled_worker_trial_is_retried_and_sweep_completes(pg_mlflow: str, t
                 if "optimizer.lr" in t.params:
                     victim = (s.study_name, t.number, t.params["optimizer.lr"], t.user_attrs["worker"]["job"])
     assert victim is not None, "no trial was seen running"
-    subprocess.run(["scancel", victim[3]], check=True, timeout=60)
+    # KILL at once, as a node failure or the OOM killer would (a plain scancel gives the trial KillWait
+    # seconds, in which a trial this short may finish): only the heartbeat can tell.
+    subprocess.run(["scancel", "--signal=KILL", victim[3]], check=True, timeout=60)
 
     again = sweep_cli(*args, "action=status")  # re-attach: follows the other worker to the end
     assert again.returncode == 0, again.stderr[-3000:]
