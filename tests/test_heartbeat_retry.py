@@ -12,7 +12,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from bnsweep.studies import claim, counts, recover_study, search_done, top_up
+from bnsweep.studies import claim, counts, give_back, recover_study, search_done, top_up
 from bnsweep.sweepdef import parse
 
 
@@ -42,3 +42,17 @@ def test_stale_trial_is_retried_in_its_slot_and_counted_once(tmp_path: Path) -> 
     assert sorted(t.user_attrs["slot"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1]
     assert counts(study) == {"complete": 2, "lost": 1} and search_done(trials, 2)
     assert top_up(study, spec) == 0  # nothing left to enqueue: exactly n_trials finished trials
+
+
+def test_stopped_worker_gives_its_trial_back_at_once(tmp_path: Path) -> None:
+    """SIGTERM / scancel: the same atomic FAIL + copy as a stale heartbeat, without waiting for it."""
+    storage = RDBStorage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=60, grace_period=600,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    study = optuna.create_study(storage=storage, study_name="t/c")
+    study.enqueue_trial({"x": 0.5}, user_attrs={"slot": 0})
+    trial = claim(storage, study)
+    give_back(storage, study, trial)
+    give_back(storage, study, trial)  # twice (a second signal): still one copy
+    assert counts(study) == {"lost": 1, "waiting": 1}
+    (copy,) = study.get_trials(states=(TrialState.WAITING,))
+    assert copy.user_attrs["slot"] == 0 and RetryHeartbeatStaleTrialCallback.retried_trial_number(copy) == 0

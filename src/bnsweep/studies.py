@@ -212,6 +212,24 @@ def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float
     return lost
 
 
+def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) -> None:
+    """A worker being stopped (SIGTERM, scancel, Ctrl-C) hands its trial back for a retry at once.
+
+    PostgreSQL: the same atomic FAIL + copy as a stale heartbeat, so no two processes retry it twice;
+    a journal: the ``lost`` attribute, and the driver enqueues the slot again (``top_up``).
+    """
+    retry = storage.get_heartbeat_stale_trial_callback() if is_heartbeat_enabled(storage) else None  # type: ignore
+    if retry is not None:
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                retry(study, storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it finished, or someone else retried it already
+        return
+    storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
 def recover_study(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> tuple[list[FrozenTrial], int]:
     """Fail the cell's lost trials and enqueue their slots again: (lost trials, trials enqueued)."""
     lost = recover_lost(storage, study, stale_after_s)

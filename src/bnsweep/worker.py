@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
@@ -37,8 +38,9 @@ from bnsweep.studies import (
     best_trial,
     claim,
     counts,
+    give_back,
     open_storage,
-    recover_study,
+    recover_lost,
     repeats_blocked,
     sweep_studies,
 )
@@ -175,13 +177,23 @@ class Worker:
             self.done += 1
 
     def others_running(self) -> bool:
-        """Cluster workers wait while any trial runs elsewhere: its worker may die and need a successor."""
-        return self.recover and any(counts(s).get("running") for s in self.studies.values())
+        """Cluster workers wait while any trial runs elsewhere: its worker may die and need a successor.
+
+        (PostgreSQL only: there a stale trial is retried by whoever notices; see ``recover_lost``.)
+        """
+        return (self.recover and is_heartbeat_enabled(self.storage)
+                and any(counts(s).get("running") for s in self.studies.values()))
 
     def recover_lost(self) -> None:
-        """Retry the trials of dead workers (as the driver does) and end their MLflow runs."""
+        """Retry the trials of dead workers and end their MLflow runs.
+
+        Only where the retry is atomic (Optuna's heartbeat, PostgreSQL): with a journal file the
+        driver alone enqueues lost slots again, so two workers never enqueue the same slot twice.
+        """
+        if not is_heartbeat_enabled(self.storage):
+            return
         for study in self.studies.values():
-            lost, _ = recover_study(self.storage, study, self.stale_after_s)
+            lost = recover_lost(self.storage, study, self.stale_after_s)
             if lost:
                 client = MlflowClient(self.tracking_uri)
                 exp = tracking.get_or_create_experiment(client, study.user_attrs["mlflow_experiment"], None)
@@ -208,8 +220,7 @@ class Worker:
                 try:
                     self.run_trial(study, trial)
                 except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slot back
-                    self.storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
-                    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    give_back(self.storage, study, trial)
                     raise
                 self.done += 1
         finally:
