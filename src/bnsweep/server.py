@@ -9,6 +9,7 @@ turns on MLflow's basic-auth app with the credentials of MLFLOW_TRACKING_USERNAM
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -118,7 +119,10 @@ class MlflowServer:
         ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.store / 'auth.db'}\n"
                        f"admin_username = {user}\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+        # CSRF key of the web workers: the user's, else a fresh one (one server, shared by its workers)
+        key = os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY") or secrets.token_hex(32)
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
 
     def ensure(self) -> str:
         """Reuse a running server over this store, else start one."""
