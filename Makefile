@@ -35,7 +35,7 @@ train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 
 test: $(STAMP) chromium  ## the whole suite, CPU only; starts (and stops) its own MLflow server
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not cluster" $(ARGS)  # tests/cluster: make test-cluster
 
 # A one-node SLURM cluster (munge, slurmctld, slurmd, slurmdbd over MariaDB) and PostgreSQL on 127.0.0.1,
 # started by the project's scripts (Debian packages installed when missing) and always stopped after.
