@@ -21,6 +21,7 @@ from conftest import sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from test_sweep import _claim_all  # the same race, on PostgreSQL
 
 from bnsweep.server import MlflowServer
 from bnsweep.studies import live, open_storage, retried, sweep_studies
@@ -143,17 +144,6 @@ def test_cancelled_worker_trial_is_retried_and_sweep_completes(pg_mlflow: str, t
     assert copy.state == TrialState.COMPLETE and copy.params["optimizer.lr"] == victim[2]  # same LR, retried
     statuses = sorted(r.info.status for r in trial_runs(pg_mlflow, "c_cancel"))
     assert statuses == ["FINISHED"] * 8 + ["KILLED"]
-
-
-def _claim_all(url: str, name: str, queue) -> None:
-    from bnsweep.studies import claim, open_storage
-
-    storage = open_storage(url)
-    study = optuna.load_study(study_name=name, storage=storage)
-    got = []
-    while (trial := claim(storage, study)) is not None:
-        got.append(trial.number)
-    queue.put(got)
 
 
 @needs_pg
