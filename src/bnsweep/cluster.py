@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -36,6 +37,10 @@ def pin_devices(slot: int, per_slot: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[slot * per_slot:(slot + 1) * per_slot])
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by SLURM (signal {signum})")
+
+
 def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker: int) -> None:
     """One SLURM task: a worker (or one DDP rank of it) on its own GPU(s); runs in the job."""
     import submitit
@@ -46,6 +51,9 @@ def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker:
     port = 20000 + (int(env.raw_job_id) * 8 + slot) % 30000  # distinct per job and worker on a node
     apply_env(rank_env(rank, ranks, port))
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    # submitit ignores SIGTERM (it expects checkpointing jobs); a worker stopped by scancel, preemption
+    # or the time limit hands its trial back at once instead (SLURM's SIGKILL follows in KillWait s).
+    signal.signal(signal.SIGTERM, _stopped)
     from bnsweep.worker import main
 
     main([*argv, "--seed-offset", str(first_offset + slot), "--recover"])
