@@ -108,7 +108,9 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
     tracker = None
     if track:
-        tracker = tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
+        # The caller's tags (trial, study) go with create_run, so even a run killed in its first
+        # epoch can be found and ended (tracking.mark_killed).
+        tracker = tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"), tags=tags,
                                       parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir,
                                       background=background_logging)
         all_callbacks.append(tracking.EpochLogger(tracker))
