@@ -38,6 +38,7 @@ def pin_devices(slot: int, per_slot: int) -> None:
 
 
 def _stopped(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # SLURM may repeat it: let the trial's clean-up finish
     raise SystemExit(f"stopped by SLURM (signal {signum})")
 
 
