@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup sweep report train test bench ui down lint clean chromium
+.PHONY: setup sweep sweep-slurm report train test test-cluster bench ui down lint clean chromium
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 sweep: $(STAMP)  ## a study: make sweep SWEEP=placement_x_activation ARGS="workers=2"
 	$(PY) -m bnsweep.sweep sweep=$(SWEEP) $(ARGS)
 
+sweep-slurm: $(STAMP)  ## the study as a SLURM job array: make sweep-slurm SWEEP=default ARGS="launcher.workers=8 storage=postgresql://..."
+	$(PY) -m bnsweep.sweep sweep=$(SWEEP) launcher=slurm $(ARGS)
+
 report: $(STAMP)  ## the study report of a sweep (reads it, never trains): make report SWEEP=default
 	$(PY) -m bnsweep.report sweep=$(SWEEP) $(ARGS)
 
@@ -32,7 +35,15 @@ train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 
 test: $(STAMP) chromium  ## the whole suite, CPU only; starts (and stops) its own MLflow server
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not cluster" $(ARGS)  # tests/cluster: make test-cluster
+
+# A one-node SLURM cluster (munge, slurmctld, slurmd, slurmdbd over MariaDB) and PostgreSQL on 127.0.0.1,
+# started by the project's scripts (Debian packages installed when missing) and always stopped after.
+test-cluster: $(STAMP)  ## the SLURM + PostgreSQL tests (tests/cluster), against real daemons
+	@export SLURM_CONF=/tmp/bnsweep-slurm/etc/slurm.conf BNSWEEP_TEST_PG=postgresql://postgres@127.0.0.1:54329/ci; \
+	trap '$(SUDO) bash scripts/pg-local.sh stop; $(SUDO) bash scripts/slurm-local.sh stop' EXIT; \
+	$(SUDO) bash scripts/slurm-local.sh start && $(SUDO) bash scripts/pg-local.sh start && \
+	$(PY) -m pytest -q -m cluster tests/cluster $(ARGS)
 
 bench: $(STAMP)  ## side-by-side speed ratios; numbers go into the issue notes
 	$(PY) -m bnsweep.bench $(ARGS)

@@ -251,10 +251,11 @@ class MinibatchChunks:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, chunk_steps: int,
-                 shuffle: bool, seed: int = 0) -> None:
+                 shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
         self.x, self.y = x, y
         self.batch_size, self.chunk_steps, self.shuffle = batch_size, chunk_steps, shuffle
         self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world = rank, world  # DDP: every rank draws the same batches, keeps its shard
 
     @property
     def steps(self) -> int:
@@ -272,6 +273,8 @@ class MinibatchChunks:
         idx = list(order.split(self.batch_size))
         if len(idx) > 1 and len(idx[-1]) == 1:  # BN cannot train on a batch of one: merge it
             idx[-2:] = [torch.cat(idx[-2:])]
+        if self.world > 1:  # same permutation on every rank (same seed): shard each batch
+            idx = [j[self.rank :: self.world] for j in idx if len(j) >= 2 * self.world]
         return idx
 
     def __iter__(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -350,7 +353,9 @@ class InMemoryDataModule(pl.LightningDataModule):
     def _batches(self, split: str, train: bool) -> MinibatchChunks:
         x, y = self.tensors[f"{split}_x"], self.tensors[f"{split}_y"]
         if train:
-            return MinibatchChunks(x, y, self.batch_size, self.chunk_steps, True, self.seed)
+            trainer = getattr(self, "trainer", None)
+            shard = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)  # DDP
+            return MinibatchChunks(x, y, self.batch_size, self.chunk_steps, True, self.seed, *shard)
         return MinibatchChunks(x, y, self.eval_batch_size, 1 << 30, False)
 
     def train_dataloader(self) -> MinibatchChunks:

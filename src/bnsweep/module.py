@@ -60,7 +60,9 @@ class ClassifierModule(pl.LightningModule):
             opt.step()
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
         # One host sync per chunk: stop a diverging run at once instead of burning its budget.
-        mean_loss = float(sums[0] / sums[2])
+        # Under DDP the sums of all ranks decide, so every rank stops together.
+        total = self.trainer.strategy.reduce(sums.clone(), reduce_op="sum") if self.trainer.world_size > 1 else sums
+        mean_loss = float(total[0] / total[2])
         if not math.isfinite(mean_loss) or mean_loss > self.max_loss:
             raise TrainingDiverged(
                 f"training loss {mean_loss:.3g} in epoch {self.current_epoch + 1} "
@@ -77,7 +79,10 @@ class ClassifierModule(pl.LightningModule):
             sums += torch.stack([loss, (logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
 
     def _pop(self, split: str) -> tuple[float, float]:
-        loss_sum, correct, n = self._sums.pop(split).tolist()
+        sums = self._sums.pop(split)
+        if split == "train" and self._trainer is not None and self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # each rank trained on its shard
+        loss_sum, correct, n = sums.tolist()
         return loss_sum / n, correct / n
 
     def validation_step(self, chunk: Chunk, chunk_idx: int) -> None:

@@ -4,6 +4,12 @@ Exact counts with any number of workers: each cell has ``n_trials`` *slots*. The
 one WAITING trial per empty slot; workers only ever claim WAITING trials (an atomic storage
 transition), never create them. A trial whose worker died is marked FAIL with a ``lost`` attribute
 and its slot is enqueued again with the same parameters, so it is retried, not lost.
+
+Two ways to notice a dead worker, one per storage kind: a journal file (one machine) has no
+heartbeat of its own, so workers write a ``heartbeat`` attribute each epoch and a dead PID on this
+host is caught at once; PostgreSQL (several machines) uses Optuna's native heartbeat thread and
+``RetryHeartbeatStaleTrialCallback``, whose WAITING copy keeps the slot (its original then counts
+as lost, never as a finished trial).
 """
 
 from __future__ import annotations
@@ -11,13 +17,15 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import optuna
-from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages import BaseStorage, JournalStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread, is_heartbeat_enabled
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
@@ -32,13 +40,22 @@ def default_storage(store_dir: str | Path, sweep: str) -> str:
     return str(Path(store_dir).resolve() / "optuna" / f"{sweep.replace('/', '_')}.journal")
 
 
-def open_storage(url: str) -> BaseStorage:
-    """A JournalStorage file (one machine, several processes) or an RDB URL (several machines)."""
+def open_storage(url: str, heartbeat_s: int = 30, stale_after_s: float = 900) -> BaseStorage:
+    """A JournalStorage file (one machine, several processes) or an RDB URL (several machines).
+
+    An RDB storage beats every ``heartbeat_s`` while a trial runs; one silent for ``stale_after_s``
+    is failed and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (see ``recover_lost``).
+    """
     if "://" in url and not url.startswith("journal://"):
         if url.startswith("sqlite"):
             raise ConfigError(f"storage={url!r} is not allowed: SQLite breaks with several worker processes; "
                               "use a journal file path (the default) or postgresql://...")
-        return optuna.storages.RDBStorage(url)
+        with warnings.catch_warnings():  # "experimental since 2.8": it is what Optuna offers for this
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                engine_kwargs={"pool_pre_ping": True})
     path = Path(url.removeprefix("journal://"))
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
@@ -49,9 +66,14 @@ def sweep_studies(storage: BaseStorage, sweep: str) -> list[optuna.Study]:
     return [optuna.load_study(study_name=n, storage=storage) for n in names]
 
 
-def live(t: FrozenTrial) -> bool:
-    """A trial that holds its slot: anything but a FAIL of a worker that died."""
-    return not (t.state == TrialState.FAIL and t.user_attrs.get("lost"))
+def retried(trials: list[FrozenTrial]) -> set[int]:
+    """Numbers of stale trials that Optuna's retry callback has re-enqueued (a copy holds their slot)."""
+    return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+
+
+def live(t: FrozenTrial, gone: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+    """A trial that holds its slot: anything but a FAIL of a worker that died (``gone``: ``retried``)."""
+    return not (t.state == TrialState.FAIL and (t.user_attrs.get("lost") or t.number in gone))
 
 
 def is_repeat(t: FrozenTrial) -> bool:
@@ -67,7 +89,9 @@ def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
 
 def search_done(trials: list[FrozenTrial], n_trials: int) -> bool:
     """Every LR-search slot holds a finished trial: the best LR is final and its repeats may run."""
-    finished = {t.user_attrs.get("slot") for t in trials if live(t) and not is_repeat(t) and t.state.is_finished()}
+    gone = retried(trials)
+    finished = {t.user_attrs.get("slot") for t in trials
+                if live(t, gone) and not is_repeat(t) and t.state.is_finished()}
     return all(s in finished for s in range(n_trials))
 
 
@@ -83,8 +107,9 @@ def top_up(study: optuna.Study, spec: SweepSpec) -> int:
     set when claimed.
     """
     trials = study.get_trials(deepcopy=False)
-    held = {_slot(t) for t in trials if live(t)}
-    retry = {_slot(t): t for t in trials if not live(t) and "slot" in t.user_attrs}
+    gone = retried(trials)
+    held = {_slot(t) for t in trials if live(t, gone)}
+    retry = {_slot(t): t for t in trials if not live(t, gone) and "slot" in t.user_attrs}
     fixed = spec.fixed_params()
     added = 0
     for slot in [*range(spec.n_trials), *((True, k) for k in range(1, spec.repeats + 1))]:
@@ -119,12 +144,20 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 trial = optuna.Trial(study, t._trial_id)
                 now = time.time()
-                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now})
+                trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now, "job": slurm_job()})
                 trial.set_user_attr("heartbeat", now)
+                if is_heartbeat_enabled(storage):  # stale from now on if its worker dies before training
+                    storage.record_heartbeat(t._trial_id)  # type: ignore[attr-defined]
                 return trial
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def slurm_job() -> str | None:
+    """This process's SLURM job as squeue and scancel name it (``<array>_<task>`` in an array), if any."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -156,7 +189,16 @@ def repeats_blocked(study: optuna.Study, stale_after_s: float = 900.0) -> bool:
 
 
 def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> list[FrozenTrial]:
-    """Mark lost trials FAIL (attr ``lost``) so that ``top_up`` enqueues their slots again."""
+    """Mark lost trials FAIL (attr ``lost``) so that ``top_up`` enqueues their slots again.
+
+    With a heartbeat storage (PostgreSQL) Optuna itself fails the stale ones and enqueues their copies.
+    """
+    if is_heartbeat_enabled(storage):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            fail_stale_trials(study)
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not is_lost(t, stale_after_s):
@@ -170,10 +212,36 @@ def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float
     return lost
 
 
+def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) -> None:
+    """A worker being stopped (SIGTERM, scancel, Ctrl-C) hands its trial back for a retry at once.
+
+    PostgreSQL: the same atomic FAIL + copy as a stale heartbeat, so no two processes retry it twice;
+    a journal: the ``lost`` attribute, and the driver enqueues the slot again (``top_up``).
+    """
+    retry = storage.get_heartbeat_stale_trial_callback() if is_heartbeat_enabled(storage) else None  # type: ignore
+    if retry is not None:
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                retry(study, storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it finished, or someone else retried it already
+        return
+    storage.set_trial_user_attr(trial._trial_id, "lost", "worker stopped")
+    study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def recover_study(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> tuple[list[FrozenTrial], int]:
+    """Fail the cell's lost trials and enqueue their slots again: (lost trials, trials enqueued)."""
+    lost = recover_lost(storage, study, stale_after_s)
+    return lost, top_up(study, SweepSpec.from_attrs(study.user_attrs))
+
+
 def counts(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Counter:
     c: Counter = Counter()
-    for t in study.get_trials(deepcopy=False) if trials is None else trials:
-        key = "lost" if not live(t) else t.state.name.lower()
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    gone = retried(trials)
+    for t in trials:
+        key = "lost" if not live(t, gone) else t.state.name.lower()
         if t.user_attrs.get("diverged"):
             key = "diverged"
         c[key] += 1
@@ -181,7 +249,10 @@ def counts(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Coun
 
 
 class Heartbeat(pl.Callback):
-    """Marks the trial alive once per epoch, so other machines can tell a slow trial from a dead one."""
+    """Marks the trial alive once per epoch, so other machines can tell a slow trial from a dead one.
+
+    (A heartbeat storage, PostgreSQL, also gets Optuna's own beats: see ``beating``.)
+    """
 
     def __init__(self, storage: BaseStorage, trial: optuna.Trial) -> None:
         self.storage, self.trial_id = storage, trial._trial_id
@@ -191,3 +262,8 @@ class Heartbeat(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.beat()
+
+
+def beating(storage: BaseStorage, trial: optuna.Trial) -> BaseHeartbeatThread:
+    """Optuna's heartbeat thread for the whole trial (``with beating(...):``); a no-op on a journal."""
+    return get_heartbeat_thread(trial._trial_id, storage)

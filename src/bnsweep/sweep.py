@@ -1,9 +1,10 @@
 """The sweep driver: ``python -m bnsweep.sweep sweep=default`` (or ``make sweep SWEEP=default``).
 
 Expands the grid into cells (one Optuna study ``<sweep>/<cell>`` each, in one storage), makes sure
-an MLflow server is there (a parent run per cell), enqueues the missing trials, starts W local
-worker processes, shows one progress bar, and ends with the summary table. Running it again
-resumes: lost trials are retried, finished ones are never repeated.
+an MLflow server is there (a parent run per cell), enqueues the missing trials, starts W workers
+(local processes, or ``launcher=slurm``: a SLURM job array, see cluster.py), shows one progress
+bar read from the storage, and ends with the summary table. Running it again resumes: lost trials
+are retried, finished ones are never repeated.
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from multiprocessing.connection import wait
-from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
-from bnsweep.launch import spawn_worker, start_preloading
+from bnsweep.launch import LocalLauncher, start_preloading
 
 if __name__ == "__main__":
     start_preloading()  # the workers' imports (~7 s) now overlap the driver's own
@@ -33,7 +33,7 @@ from bnsweep import summary, tracking
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError, run_app
 from bnsweep.server import MlflowServer, preferred_port
-from bnsweep.studies import counts, default_storage, open_storage, recover_lost, sweep_studies, top_up
+from bnsweep.studies import counts, default_storage, open_storage, recover_study, sweep_studies
 from bnsweep.sweepdef import SweepSpec, compose_train, parse
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -50,9 +50,12 @@ class Sweep:
     store_dir: Path
     stale_after_s: float
     workers: int
+    launcher: Any = None  # LocalLauncher or cluster.SlurmLauncher
+    heartbeat_s: int = 30
 
     def __post_init__(self) -> None:
-        self.storage = open_storage(self.storage_url)
+        self.launcher = self.launcher or LocalLauncher(self.workers)
+        self.storage = open_storage(self.storage_url, self.heartbeat_s, self.stale_after_s)
         self.client = MlflowClient(self.uri)
         self.experiment = f"sweep-{self.spec.name}"
         self.experiment_id = tracking.get_or_create_experiment(
@@ -107,12 +110,9 @@ class Sweep:
         """Retry trials whose worker died; mark their MLflow runs KILLED. Returns trials enqueued."""
         added = 0
         for study in self.studies:
-            for t in recover_lost(self.storage, study, self.stale_after_s):
-                for run in self.client.search_runs(
-                        [self.experiment_id], f"tags.`optuna.trial_id` = '{t._trial_id}' and "
-                        f"tags.`optuna.study` = '{study.study_name}' and attributes.status = 'RUNNING'"):
-                    self.client.set_terminated(run.info.run_id, "KILLED")
-            added += top_up(study, self.spec)
+            lost, n = recover_study(self.storage, study, self.stale_after_s)
+            tracking.mark_killed(self.client, self.experiment_id, study.study_name, lost)
+            added += n
         return added
 
     def prepare_data(self) -> None:
@@ -127,13 +127,21 @@ class Sweep:
 
     # ------------------------------------------------------------------ workers
 
-    def worker_args(self, seed_offset: int) -> list[str]:
+    def worker_args(self) -> list[str]:
         """Arguments of ``python -m bnsweep.worker``: the same worker on this machine or a cluster."""
         return ["--storage", self.storage_url, "--sweep", self.spec.name, "--tracking-uri", self.uri,
-                "--threads", "1", "--seed-offset", str(seed_offset)]
+                "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s)]
 
-    def spawn(self, k: int) -> BaseProcess:
-        return spawn_worker(self.worker_args(k), self.log_dir / f"worker-{k}.log")
+    @property
+    def ranks(self) -> int:
+        """Processes per worker: ``trainer.devices`` under a DDP strategy (the first cell's), else 1."""
+        trainer = compose_train(self.spec.cells()[0].overrides).trainer
+        strategy = trainer.get("strategy", "auto")
+        name = strategy if isinstance(strategy, str) else strategy.get("_target_", "")
+        return int(trainer.devices) if "ddp" in name.lower() and isinstance(trainer.devices, int) else 1
+
+    def spawn(self, first: int, count: int) -> None:
+        self.launcher.start(self.worker_args(), self.log_dir, first, count, self.ranks)
 
     def totals(self) -> dict[str, int]:
         c: dict[str, int] = {}
@@ -142,11 +150,15 @@ class Sweep:
                 c[k] = c.get(k, 0) + v
         return c
 
-    def run_workers(self, n_workers: int, quiet: bool = False) -> float:
-        """Run local workers to the end with one progress bar; return the wall time."""
+    def run_workers(self, n_workers: int, quiet: bool = False, attach: bool = False) -> float:
+        """Run the workers to the end with one progress bar; return the wall time.
+
+        ``attach``: start none, watch those an earlier command started (``launcher.wait=false``).
+        """
         total = (self.spec.n_trials + self.spec.repeats) * len(self.spec.cells())
         start = time.perf_counter()
-        procs = [self.spawn(k) for k in range(n_workers)]
+        if not attach:
+            self.spawn(0, n_workers)
         respawns = n_workers
         bar = tqdm(total=total, desc=f"sweep {self.spec.name}", unit="trial", dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0, disable=quiet)
@@ -154,7 +166,7 @@ class Sweep:
         last_check = time.monotonic()
         try:
             while True:
-                alive = [p for p in procs if p.is_alive()]
+                alive = self.launcher.alive()
                 c = self.totals()
                 finished = c.get("complete", 0) + c.get("pruned", 0) + c.get("diverged", 0) + c.get("fail", 0)
                 bar.n = min(finished, total)
@@ -165,22 +177,21 @@ class Sweep:
                 self.announce_cells(bar, announced)
                 if time.monotonic() - last_check > 5 or not alive:
                     last_check = time.monotonic()
-                    if self.recover() and not alive and respawns < 2 * n_workers:
-                        procs.append(self.spawn(respawns))  # a retried trial and nobody left to run it
+                    left = self.recover() or self.totals().get("waiting", 0)
+                    if left and not alive and respawns < 2 * n_workers:
+                        self.spawn(respawns, 1)  # a retried trial and nobody left to run it
                         respawns += 1
                         continue
                 if not alive:
                     break
-                wait([p.sentinel for p in alive], timeout=1.0)  # wakes at once when a worker ends
+                self.launcher.pause(1.0)  # local: wakes at once when a worker ends
         except KeyboardInterrupt:
-            for p in procs:
-                p.terminate()
+            self.launcher.stop()
             bar.close()
             raise
         bar.close()
-        failed = [p for p in procs if p.exitcode]
-        if failed:
-            log.warning("%d worker(s) stopped with an error; see %s", len(failed), self.log_dir)
+        if self.launcher.failed():
+            log.warning("%d worker(s) stopped with an error; see %s", self.launcher.failed(), self.log_dir)
         return time.perf_counter() - start
 
     def announce_cells(self, bar: tqdm, announced: set[str]) -> None:
@@ -246,7 +257,10 @@ def resolve_tracking(cfg: DictConfig) -> str:
     """MLFLOW_TRACKING_URI / tracking.uri, else a local server over store_dir (started if needed)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri
     if not uri:
-        uri = MlflowServer(cfg.tracking.store_dir, port=cfg.tracking.port or preferred_port()).ensure()
+        t = cfg.tracking
+        host = t.get("host") or "127.0.0.1"
+        uri = MlflowServer(t.store_dir, host=host, port=t.port or preferred_port(host=host),
+                           backend_store=t.get("backend_store"), auth=bool(t.get("auth"))).ensure()
     tracking.check_reachable(uri)
     return uri
 
@@ -259,23 +273,37 @@ def open_sweep(cfg: DictConfig) -> Sweep:
     workers = cfg.get("workers") or len(os.sched_getaffinity(0))
     if workers < 1:
         raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
+    launcher = instantiate(cfg.launcher) if cfg.get("launcher") else LocalLauncher(workers)
     store = Path(cfg.tracking.store_dir).resolve()
     url = cfg.storage or default_storage(store, spec.name)
-    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.get("stale_after_s", 900)), workers)
+    if not isinstance(launcher, LocalLauncher) and "://" not in url:
+        log.warning("launcher=%s with a journal file (%s): every node must see it on a shared filesystem "
+                    "(else set storage=postgresql://...)", cfg.launcher.get("_target_", "?").split(".")[-1], url)
+    return Sweep(spec, url, resolve_tracking(cfg), store, float(cfg.get("stale_after_s", 900)),
+                 getattr(launcher, "workers", workers), launcher, int(cfg.get("heartbeat_s", 30)))
 
 
 def run(cfg: DictConfig) -> list[dict]:
     sweep = open_sweep(cfg)
     sweep.prepare()
+    local = isinstance(sweep.launcher, LocalLauncher)
     if cfg.action == "run":
         sweep.prepare_data()
         n_workers = sweep.workers
+        if not local and not sweep.launcher.wait:
+            sweep.spawn(0, n_workers)
+            from bnsweep.cluster import reattach_hint
+
+            print(f"submitted {sweep.launcher.describe()}; follow it with:\n  {reattach_hint()}", file=sys.stderr)
+            return []
         wall = sweep.run_workers(n_workers)
         t = sweep.timing()
         if t["trials"]:
             print(f"{t['trials']} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
                   f"{(n_workers * wall - t['fit_s']) / t['trials']:.2f} s per trial (worker start-up included)",
                   file=sys.stderr)
+    elif not local and sweep.launcher.attach(sweep.log_dir):  # status: watch the running jobs to their end
+        sweep.run_workers(sweep.workers, attach=True)
     rows = sweep.finish()
     print("\n" + summary.to_markdown(rows, sweep.spec.target_acc))
     left = sum(r["running"] for r in rows)

@@ -164,7 +164,9 @@ class RunTracker:
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(content if isinstance(content, bytes) else content.encode())
-            get_artifact_repository(self._run.result().info.artifact_uri).log_artifacts(tmp)
+            # tracking_uri: an mlflow-artifacts:/ location (a shared server's proxy) resolves to our server
+            get_artifact_repository(self._run.result().info.artifact_uri,
+                                    tracking_uri=self.client.tracking_uri).log_artifacts(tmp)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (in the background if so built: call ``close`` before the process exits)."""
@@ -214,6 +216,15 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trials: list) -> None:
+    """End the MLflow runs of trials whose worker died (KILLED), so none stays RUNNING forever."""
+    for t in trials:
+        for run in client.search_runs(
+                [experiment_id], f"tags.`optuna.trial_id` = '{t._trial_id}' and "
+                f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 class EpochLogger(pl.Callback):

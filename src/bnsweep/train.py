@@ -87,8 +87,9 @@ def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataM
     return out
 
 
-def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background: bool) -> tracking.RunTracker:
-    return tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"),
+def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background: bool,
+                tags: dict[str, str] | None = None) -> tracking.RunTracker:
+    return tracking.RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"), tags=tags,
                                parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background)
 
 
@@ -166,7 +167,9 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     module = ClassifierModule(model, instantiate(cfg.optimizer),
                               target_acc=cfg.train.target_acc, max_loss=cfg.train.max_loss)
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
-    tracker = new_tracker(cfg, uri, parent_run_id, background_logging) if track else None
+    # The caller's tags (trial, study) go with create_run, so even a run killed in its first
+    # epoch can be found and ended (tracking.mark_killed).
+    tracker = new_tracker(cfg, uri, parent_run_id, background_logging, tags) if track else None
     if tracker:
         all_callbacks.append(tracking.EpochLogger(tracker))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
@@ -187,6 +190,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
         except TrialPruned:
             outcome = "pruned"
         runtime = time.perf_counter() - start
+        if trainer.global_rank > 0:  # DDP: rank 0 alone evaluates and reports
+            return RunResult(None, {}, module.history, outcome)
         if tracker and diagnostics:
             tracker.log_files({Diagnostics.ARTIFACT: diagnostics.to_csv()})
         final = final_metrics(cfg, module.history, outcome, runtime, counts)

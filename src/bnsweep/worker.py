@@ -4,11 +4,17 @@ An independent process attached to the Optuna storage: it loads each dataset onc
 WAITING trials (fewest-finished cell first) and runs them in-process, one after another, until
 none is left. The same command runs on this machine or as a cluster job; everything about the
 sweep is read from the storage.
+
+A DDP worker is K such processes (RANK/WORLD_SIZE set by ``launch.rank_env``): rank 0 claims and
+reports; the others receive each trial's config from it and train their shard of every batch.
+With ``--recover`` (cluster jobs) a worker with nothing to claim stays while trials run elsewhere
+and takes over one whose worker died, so the sweep completes without its submitting command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -17,14 +23,29 @@ import traceback
 
 import optuna
 import torch
+import torch.distributed as dist
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from bnsweep import tracking
 from bnsweep.config import instantiate
 from bnsweep.data import InMemoryDataModule
 from bnsweep.population import run_population
-from bnsweep.studies import Heartbeat, best_trial, claim, counts, open_storage, repeats_blocked, sweep_studies
+from bnsweep.studies import (
+    Heartbeat,
+    beating,
+    best_trial,
+    claim,
+    counts,
+    give_back,
+    open_storage,
+    recover_lost,
+    repeats_blocked,
+    sweep_studies,
+)
 from bnsweep.sweepdef import SweepSpec, compose_train
 from bnsweep.train import RunResult, quiet_lightning, run_training
 
@@ -33,11 +54,16 @@ log = logging.getLogger("bnsweep.worker")
 
 class Worker:
     def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
-                 seed_offset: int = 0, population: int | None = None) -> None:
-        self.storage = open_storage(storage_url)
+                 seed_offset: int = 0, population: int | None = None, heartbeat_s: int = 30,
+                 stale_after_s: float = 900, recover: bool = False) -> None:
+        self.storage = open_storage(storage_url, heartbeat_s, stale_after_s)
         self.population = population  # None: each sweep's own (study attribute "population")
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
-        self.seed_offset = seed_offset
+        self.seed_offset, self.stale_after_s, self.recover = seed_offset, stale_after_s, recover
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if self.world > 1 and not dist.is_initialized():  # one process group for the worker's life
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        self.control = dist.new_group(backend="gloo") if self.world > 1 else None
         # One study object per cell, with this worker's own sampler and pruner: a sampler keeps
         # its random state across trials (a fresh seeded sampler per trial would repeat its draws).
         self.studies = {s.study_name: self._with_sampler(s) for s in sweep_studies(self.storage, sweep)}
@@ -85,7 +111,7 @@ class Worker:
         if nxt is None:
             return None
         study, trial = nxt
-        k = self.population or int(study.user_attrs.get("population") or 1)
+        k = 1 if self.world > 1 else self.population or int(study.user_attrs.get("population") or 1)  # DDP: one
         trials = [trial]
         while len(trials) < min(k, limit or k) and (more := claim(self.storage, study)) is not None:
             trials.append(more)
@@ -141,14 +167,17 @@ class Worker:
             self.run_members(study, members)
 
     def run_trial(self, study: optuna.Study, trial: optuna.Trial, cfg: DictConfig) -> None:
-        pruning = [] if trial.user_attrs.get("repeat") else [  # repeats: the full budget
+        # Repeats get the full budget; a DDP trial is not pruned (the other ranks hold no trial).
+        pruning = [] if trial.user_attrs.get("repeat") or self.world > 1 else [
             PyTorchLightningPruningCallback(trial, monitor="val_acc")]
+        self.share(OmegaConf.to_container(cfg, resolve=True))
         try:
-            result = run_training(
-                cfg, datamodule=self.datamodule(cfg), tags=self.tags(study, trial),
-                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                callbacks=[*pruning, Heartbeat(self.storage, trial)])
-        except Exception as e:
+            with beating(self.storage, trial):
+                result = run_training(
+                    cfg, datamodule=self.datamodule(cfg), tags=self.tags(study, trial),
+                    parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
+                    callbacks=[*pruning, Heartbeat(self.storage, trial)])
+        except Exception as e:  # one trial's crash is recorded; the sweep goes on
             self.fail(study, trial, e)
             return
         self.flush(keep=1)  # the previous trial's requests overlapped this trial's training
@@ -159,25 +188,21 @@ class Worker:
         before = len(self.trackers)
         trials, cfgs = [t for t, _ in members], [c for _, c in members]
         try:
-            run_population(
-                cfgs, datamodule=self.datamodule(cfgs[0]), tags=[self.tags(study, t) for t in trials],
-                parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                trials=[None if t.user_attrs.get("repeat") else t for t in trials],  # repeats: full budget
-                heartbeats=[Heartbeat(self.storage, t).beat for t in trials],
-                on_done=lambda i, result: self.record(study, trials[i], result))
+            with contextlib.ExitStack() as beats:
+                for t in trials:
+                    beats.enter_context(beating(self.storage, t))
+                run_population(
+                    cfgs, datamodule=self.datamodule(cfgs[0]), tags=[self.tags(study, t) for t in trials],
+                    parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
+                    trials=[None if t.user_attrs.get("repeat") else t for t in trials],  # repeats: full budget
+                    heartbeats=[Heartbeat(self.storage, t).beat for t in trials],
+                    on_done=lambda i, result: self.record(study, trials[i], result))
         except Exception as e:
             for t in trials:
                 if not self.storage.get_trial(t._trial_id).state.is_finished():
                     self.fail(study, t, e)
         # the previous trials' requests overlapped this population's training: wait for those only
         self.flush(keep=len(self.trackers) - before)
-
-    def give_back(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
-        """Stopped from outside (SIGTERM, Ctrl-C): unfinished trials become lost, to be retried."""
-        for t in trials:
-            if not self.storage.get_trial(t._trial_id).state.is_finished():
-                self.storage.set_trial_user_attr(t._trial_id, "lost", "worker stopped")
-                study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
 
     def set_repeat(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, cfg: DictConfig) -> bool:
         """A repeat trains at the cell's best LR with seed + k; False (trial failed) if there is none."""
@@ -196,28 +221,76 @@ class Worker:
             OmegaConf.update(cfg, p.key, value, merge=False)
         return True
 
+    def share(self, obj: object) -> None:
+        """DDP: rank 0 sends the next trial's config (None: no trial left) to the other ranks."""
+        if self.world > 1:
+            dist.broadcast_object_list([obj], src=0, group=self.control)
+
+    def follow(self) -> int:
+        """DDP ranks > 0: train each config rank 0 shares, reporting nothing, until it says stop."""
+        while True:
+            box: list = [None]
+            dist.broadcast_object_list(box, src=0, group=self.control)
+            if box[0] is None:
+                return self.done
+            cfg = OmegaConf.create(box[0])
+            try:
+                run_training(cfg, datamodule=self.datamodule(cfg), track=False)
+            except Exception:
+                log.error("rank %d: trial failed:\n%s", self.rank, traceback.format_exc())
+            self.done += 1
+
+    def others_running(self) -> bool:
+        """Cluster workers wait while any trial runs elsewhere: its worker may die and need a successor.
+
+        (PostgreSQL only: there a stale trial is retried by whoever notices; see ``recover_lost``.)
+        """
+        return (self.recover and is_heartbeat_enabled(self.storage)
+                and any(counts(s).get("running") for s in self.studies.values()))
+
+    def recover_lost(self) -> None:
+        """Retry the trials of dead workers and end their MLflow runs.
+
+        Only where the retry is atomic (Optuna's heartbeat, PostgreSQL): with a journal file the
+        driver alone enqueues lost slots again, so two workers never enqueue the same slot twice.
+        """
+        if not is_heartbeat_enabled(self.storage):
+            return
+        for study in self.studies.values():
+            lost = recover_lost(self.storage, study, self.stale_after_s)
+            if lost:
+                client = MlflowClient(self.tracking_uri)
+                exp = tracking.get_or_create_experiment(client, study.user_attrs["mlflow_experiment"], None)
+                tracking.mark_killed(client, exp, study.study_name, lost)
+
     def flush(self, keep: int = 0) -> None:
         while len(self.trackers) > keep:
             self.trackers.pop(0).close()
 
     def run(self, max_trials: int | None = None) -> int:
+        if self.rank > 0:
+            return self.follow()
         try:
             while max_trials is None or self.done < max_trials:
                 nxt = self.next_trials(None if max_trials is None else max_trials - self.done)
                 if nxt is None:
-                    if any(repeats_blocked(s) for s in self.studies.values()):
+                    if any(repeats_blocked(s) for s in self.studies.values()) or self.others_running():
                         time.sleep(1.0)  # repeats start when the cell's last LR trial (elsewhere) ends
+                        if self.recover:
+                            self.recover_lost()
                         continue
                     break
                 study, trials = nxt
                 try:
                     self.run_claimed(study, trials)
-                except BaseException:
-                    self.give_back(study, trials)
+                except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slots back
+                    for t in trials:
+                        give_back(self.storage, study, t)
                     raise
                 self.done += len(trials)
         finally:
             self.flush()
+            self.share(None)
         return self.done
 
 
@@ -231,13 +304,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--population", type=int, default=None,
                     help="trials trained together as one population (default: the sweep's own)")
     ap.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
+    ap.add_argument("--heartbeat-s", type=int, default=30, help="PostgreSQL: heartbeat interval of a running trial")
+    ap.add_argument("--stale-after-s", type=float, default=900, help="a trial silent this long is retried")
+    ap.add_argument("--recover", action="store_true",
+                    help="stay while trials run elsewhere and retry those whose worker died (cluster jobs)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[worker {os.getpid()}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     quiet_lightning()
     torch.set_num_threads(args.threads)
     worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
-                    args.population)
+                    population=args.population, heartbeat_s=args.heartbeat_s,
+                    stale_after_s=args.stale_after_s, recover=args.recover)
     n = worker.run(args.max_trials)
     log.info("no trial left to claim; ran %d", n)
 

@@ -1,0 +1,190 @@
+"""Cluster sweeps for real: a one-node SLURM cluster (with slurmdbd, so sacct works) and PostgreSQL.
+
+`make test-cluster` starts both with scripts/slurm-local.sh and scripts/pg-local.sh, runs these, and
+stops them; without those services (a plain `make test`) every test here is skipped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import sweep_cli
+from mlflow.tracking import MlflowClient
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+from test_sweep import _claim_all  # the same race, on PostgreSQL
+
+from bnsweep.server import MlflowServer
+from bnsweep.studies import live, open_storage, retried, sweep_studies
+
+pytestmark = pytest.mark.cluster
+PG = os.environ.get("BNSWEEP_TEST_PG", "postgresql://postgres@127.0.0.1:54329/ci")
+
+
+def _pg_up() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect(PG, connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+def _slurm_up() -> bool:
+    return bool(shutil.which("sinfo") and os.environ.get("SLURM_CONF")) and subprocess.run(
+        ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
+
+
+needs_pg = pytest.mark.skipif(not _pg_up(), reason=f"no PostgreSQL at {PG} (make test-cluster starts one)")
+needs_slurm = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (make test-cluster starts one)")
+
+
+def new_database() -> str:
+    """A fresh database on the test server, for one storage (or MLflow store)."""
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return PG.rsplit("/", 1)[0] + f"/{name}"
+
+
+@pytest.fixture(scope="module")
+def pg_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` whose backend store is PostgreSQL (shared use), on 127.0.0.1."""
+    if not _pg_up():
+        pytest.skip(f"no PostgreSQL at {PG}")
+    server = MlflowServer(tmp_path_factory.mktemp("mlruns_pg"), backend_store=new_database())
+    yield server.start()
+    server.stop()
+
+
+def slurm_args(name: str, storage: str, uri: str, store: Path, *extra: str) -> list[str]:
+    """2 cells x 4 trials, no repeats, as a 2-worker array on CPU."""
+    return ["sweep=tiny", f"sweep.name={name}", "sweep.n_trials=4", "sweep.repeats=0", f"storage={storage}",
+            f"tracking.uri={uri}", f"tracking.store_dir={store}", "launcher=slurm", "launcher.workers=2",
+            "launcher.gpus_per_worker=0", "launcher.cpus_per_worker=1", "launcher.mem_gb=1", "launcher.time_min=10",
+            *extra]
+
+
+def trial_runs(uri: str, name: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(f"sweep-{name}")
+    return client.search_runs([exp.experiment_id], "tags.`bnsweep.role` = 'trial'", max_results=1000)
+
+
+def assert_exact(storage: str, uri: str, name: str) -> list[optuna.Study]:
+    studies = sweep_studies(open_storage(storage), name)
+    assert len(studies) == 2
+    for s in studies:
+        gone = retried(s.trials)
+        kept = [t for t in s.trials if live(t, gone)]
+        assert [t.state for t in kept] == [TrialState.COMPLETE] * 4
+        assert sorted(t.user_attrs["slot"] for t in kept) == [0, 1, 2, 3]  # no slot twice, none missing
+    runs = trial_runs(uri, name)
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    assert len(finished) == 8 and all(r.data.tags.get("mlflow.parentRunId") for r in finished)
+    assert len({(r.data.tags["optuna.study"], r.data.tags["optuna.trial"]) for r in finished}) == 8
+    return studies
+
+
+@needs_slurm
+@needs_pg
+def test_slurm_array_of_two_workers_exact_counts(pg_mlflow: str, tmp_path: Path) -> None:
+    storage = new_database()
+    out = sweep_cli(*slurm_args("c_array", storage, pg_mlflow, tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    studies = assert_exact(storage, pg_mlflow, "c_array")
+    jobs = {t.user_attrs["worker"]["job"] for s in studies for t in s.trials}
+    assert None not in jobs and 1 <= len(jobs) <= 2  # trials ran in the array's jobs
+    assert len(trial_runs(pg_mlflow, "c_array")) == 8
+    assert "| placement=none |" in out.stdout
+
+
+@needs_slurm
+@needs_pg
+def test_cancelled_worker_trial_is_retried_and_sweep_completes(pg_mlflow: str, tmp_path: Path) -> None:
+    """Detach, scancel one worker mid-trial, re-attach: Optuna's heartbeat retries the trial."""
+    storage = new_database()
+    args = slurm_args("c_cancel", storage, pg_mlflow, tmp_path, "sweep.epochs=4", "heartbeat_s=2",
+                      "stale_after_s=10", 'overrides=["data.limit_train=20000"]')
+    out = sweep_cli(*args, "launcher.wait=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "action=status" in out.stderr
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        for s in sweep_studies(open_storage(storage), "c_cancel"):
+            for t in s.get_trials(states=(TrialState.RUNNING,)):
+                if "optimizer.lr" in t.params:
+                    victim = (s.study_name, t.number, t.params["optimizer.lr"], t.user_attrs["worker"]["job"])
+    assert victim is not None, "no trial was seen running"
+    subprocess.run(["scancel", victim[3]], check=True, timeout=60)
+
+    again = sweep_cli(*args, "action=status")  # re-attach: follows the other worker to the end
+    assert again.returncode == 0, again.stderr[-3000:]
+    studies = {s.study_name: s for s in assert_exact(storage, pg_mlflow, "c_cancel")}
+    killed = studies[victim[0]].trials[victim[1]]
+    assert killed.state == TrialState.FAIL
+    # Either the worker saw the scancel and gave its slot back at once (attribute `lost`, then retry_of),
+    # or it died silently and Optuna's heartbeat went stale (RetryHeartbeatStaleTrialCallback's copy).
+    (copy,) = [t for t in studies[victim[0]].trials if victim[1] in (
+        t.user_attrs.get("retry_of"), RetryHeartbeatStaleTrialCallback.retried_trial_number(t))]
+    assert copy.state == TrialState.COMPLETE and copy.params["optimizer.lr"] == victim[2]  # same LR, retried
+    # the cancelled attempt's run, if it got as far as its first epoch's tags, ended KILLED; none left RUNNING
+    statuses = sorted(r.info.status for r in trial_runs(pg_mlflow, "c_cancel"))
+    assert statuses.count("FINISHED") == 8 and set(statuses) <= {"FINISHED", "KILLED"}, statuses
+    client = MlflowClient(pg_mlflow)
+    exp = client.get_experiment_by_name("sweep-c_cancel")
+    assert not client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+
+
+@needs_pg
+def test_postgresql_two_workers_never_claim_the_same_trial() -> None:
+    url = new_database()
+    study = optuna.create_study(storage=open_storage(url), study_name="s/c")
+    for _ in range(30):
+        study.enqueue_trial({})
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim_all, args=(url, "s/c", queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    claimed = [n for _ in procs for n in queue.get(timeout=120)]
+    for p in procs:
+        p.join(30)
+    assert sorted(claimed) == list(range(30))
+    assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == 30
+
+
+def test_mlflow_basic_auth_takes_credentials_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    """tracking.auth: the server's admin is the env's user; no credentials, no access; the password is never logged."""
+    import urllib.error
+    import urllib.request
+
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "sweeper")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    server = MlflowServer(tmp_path, auth=True)
+    uri = server.start()
+    try:
+        assert uri.startswith("http://127.0.0.1:")
+        assert MlflowClient(uri).create_experiment("auth-check")  # credentials from the environment
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=10)
+        assert e.value.code == 401
+    finally:
+        server.stop()
+    assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
+                   and p.suffix in (".log", ".ini", ".url", ".pid"))
