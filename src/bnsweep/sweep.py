@@ -164,6 +164,7 @@ class Sweep:
                    file=sys.stderr, mininterval=1.0, disable=quiet)
         announced: set[str] = set()
         last_check = time.monotonic()
+        shown, live = None, sys.stderr.isatty()  # in a log file: a line only when the counts change
         try:
             while True:
                 alive = self.launcher.alive()
@@ -173,7 +174,9 @@ class Sweep:
                 bar.set_postfix_str(f"running {c.get('running', 0)}, pruned {c.get('pruned', 0)}, "
                                     f"diverged {c.get('diverged', 0)}, failed {c.get('fail', 0)}"
                                     f"{', retried ' + str(c['lost']) if c.get('lost') else ''}", refresh=False)
-                bar.refresh()
+                if live or c != shown:
+                    bar.refresh()
+                    shown = c
                 self.announce_cells(bar, announced)
                 if time.monotonic() - last_check > 5 or not alive:
                     last_check = time.monotonic()
