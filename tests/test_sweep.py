@@ -123,23 +123,27 @@ def _claim_all(url: str, name: str, queue) -> None:
     queue.put(got)
 
 
-def test_parallel_workers_claim_each_enqueued_trial_exactly_once(tmp_path: Path) -> None:
+def claim_race(url: str, trials: int, workers: int) -> None:
+    """``workers`` processes claim one study's ``trials`` enqueued trials at once: each exactly once."""
     import multiprocessing as mp
 
-    url = str(tmp_path / "j.journal")
     study = optuna.create_study(storage=open_storage(url), study_name="s/c")
-    for _ in range(24):
+    for _ in range(trials):
         study.enqueue_trial({})
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(url, "s/c", queue)) for _ in range(3)]
+    procs = [ctx.Process(target=_claim_all, args=(url, "s/c", queue)) for _ in range(workers)]
     for p in procs:
         p.start()
     claimed = [n for _ in procs for n in queue.get(timeout=120)]
     for p in procs:
         p.join(30)
-    assert sorted(claimed) == list(range(24))
-    assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == 24
+    assert sorted(claimed) == list(range(trials))
+    assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == trials
+
+
+def test_parallel_workers_claim_each_enqueued_trial_exactly_once(tmp_path: Path) -> None:
+    claim_race(str(tmp_path / "j.journal"), trials=24, workers=3)
 
 
 # ---------------------------------------------------------------------- real sweeps

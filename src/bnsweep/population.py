@@ -36,11 +36,10 @@ from bnsweep.stacked_optim import StackedOptimizer, check_options
 from bnsweep.train import (
     RunResult,
     abort_tracker,
-    build_datamodule,
     close_tracker,
     final_metrics,
     new_tracker,
-    quiet_lightning,
+    prepare,
     stage_run,
     test_metrics,
 )
@@ -303,14 +302,7 @@ def run_population(cfgs: Sequence[DictConfig], *, datamodule: InMemoryDataModule
         validate(cfg)
         check(cfg)
     check_members(cfgs)
-    quiet_lightning()
-    if base.get("threads"):
-        torch.set_num_threads(int(base.threads))
-    uri = tracking.resolve_uri(base.tracking.uri, base.tracking.store_dir)
-    if track:
-        tracking.check_reachable(uri)
-    dm = datamodule or build_datamodule(base)
-    dm.setup("fit")
+    uri, dm = prepare(base, datamodule, track)
     device = device_of(base)
     dm.tensors = {k: v.to(device) for k, v in dm.tensors.items()}  # resident on the training device
     members = []

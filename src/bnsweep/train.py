@@ -142,6 +142,19 @@ def abort_tracker(tracker: tracking.RunTracker, e: BaseException) -> None:
     tracker.close()
 
 
+def prepare(cfg: DictConfig, datamodule: InMemoryDataModule | None, track: bool) -> tuple[str, InMemoryDataModule]:
+    """Before any training: quiet Lightning, the CPU threads, a reachable MLflow store, the data."""
+    quiet_lightning()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    uri = tracking.resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)
+    if track:
+        tracking.check_reachable(uri)
+    dm = datamodule or build_datamodule(cfg)
+    dm.setup("fit")
+    return uri, dm
+
+
 def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = None,
                  callbacks: Sequence[pl.Callback] = (), tags: dict[str, str] | None = None,
                  parent_run_id: str | None = None, track: bool = True,
@@ -153,14 +166,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     """
     validate(cfg)
     diagnostics = Diagnostics.from_config(cfg.train)  # None unless train.diagnostics=true
-    quiet_lightning()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    uri = tracking.resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)
-    if track:
-        tracking.check_reachable(uri)
-    dm = datamodule or build_datamodule(cfg)
-    dm.setup("fit")
+    uri, dm = prepare(cfg, datamodule, track)
 
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)

@@ -6,7 +6,6 @@ stops them; without those services (a plain `make test`) every test here is skip
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from conftest import sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from test_sweep import _claim_all  # the same race, on PostgreSQL
+from test_sweep import claim_race  # the same race, on PostgreSQL
 
 from bnsweep.server import MlflowServer
 from bnsweep.studies import live, open_storage, retried, sweep_studies
@@ -152,20 +151,7 @@ def test_cancelled_worker_trial_is_retried_and_sweep_completes(pg_mlflow: str, t
 
 @needs_pg
 def test_postgresql_two_workers_never_claim_the_same_trial() -> None:
-    url = new_database()
-    study = optuna.create_study(storage=open_storage(url), study_name="s/c")
-    for _ in range(30):
-        study.enqueue_trial({})
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(url, "s/c", queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    claimed = [n for _ in procs for n in queue.get(timeout=120)]
-    for p in procs:
-        p.join(30)
-    assert sorted(claimed) == list(range(30))
-    assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == 30
+    claim_race(new_database(), trials=30, workers=2)
 
 
 def test_mlflow_basic_auth_takes_credentials_from_the_environment(tmp_path: Path, monkeypatch) -> None:
