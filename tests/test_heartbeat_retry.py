@@ -56,3 +56,19 @@ def test_stopped_worker_gives_its_trial_back_at_once(tmp_path: Path) -> None:
     assert counts(study) == {"lost": 1, "waiting": 1}
     (copy,) = study.get_trials(states=(TrialState.WAITING,))
     assert copy.user_attrs["slot"] == 0 and RetryHeartbeatStaleTrialCallback.retried_trial_number(copy) == 0
+
+
+def test_a_stopped_population_gives_back_only_its_unfinished_members(tmp_path: Path) -> None:
+    """Journal storage: members that already ended stay as they are; the rest become lost slots."""
+    from bnsweep.studies import open_storage
+
+    storage = open_storage(str(tmp_path / "o.journal"))
+    study = optuna.create_study(storage=storage, study_name="t/c", direction="maximize")
+    for slot in range(3):
+        study.enqueue_trial({}, user_attrs={"slot": slot})
+    members = [claim(storage, study) for _ in range(3)]
+    study.tell(members[0], 0.9)  # this member finished before the stop
+    for t in members:
+        give_back(storage, study, t)
+    states = {t.number: (t.state, "lost" in t.user_attrs) for t in study.get_trials()}
+    assert states == {0: (TrialState.COMPLETE, False), 1: (TrialState.FAIL, True), 2: (TrialState.FAIL, True)}

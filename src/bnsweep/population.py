@@ -324,7 +324,7 @@ def run_population(cfgs: Sequence[DictConfig], *, datamodule: InMemoryDataModule
         for m in members if track else ():
             own = {**((tags[m.index] if tags else None) or {}), "bnsweep.population": str(len(cfgs))}
             m.tracker = new_tracker(m.cfg, uri, parent_run_id, background_logging, own)
-            stage_run(m.tracker, m.cfg, dm, m.model, device, own)
+            stage_run(m.tracker, m.cfg, dm, m.model, device)
         pop = Population(members, dm, device, done)
         pop.run(int(base.trainer.max_epochs))
     except BaseException as e:

@@ -218,6 +218,8 @@ def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) ->
     PostgreSQL: the same atomic FAIL + copy as a stale heartbeat, so no two processes retry it twice;
     a journal: the ``lost`` attribute, and the driver enqueues the slot again (``top_up``).
     """
+    if storage.get_trial(trial._trial_id).state.is_finished():
+        return  # it ended before the stop (a population's members end one by one)
     retry = storage.get_heartbeat_stale_trial_callback() if is_heartbeat_enabled(storage) else None  # type: ignore
     if retry is not None:
         try:

@@ -94,14 +94,16 @@ def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background
 
 
 def stage_run(tracker: tracking.RunTracker, cfg: DictConfig, dm: InMemoryDataModule, model: torch.nn.Module,
-              device: torch.device, tags: dict[str, str] | None) -> None:
-    """Params, tags and parameter counts (sent with the first epoch) and the config/summary artifacts."""
+              device: torch.device) -> None:
+    """Params, provenance tags and parameter counts (sent with the first epoch), config/summary artifacts.
+
+    The caller's own tags (trial, study) went with ``create_run`` already (``new_tracker``).
+    """
     tracker.stage(  # sent with the first epoch's metrics: one request fewer
         params=tracking.flatten(OmegaConf.to_container(cfg, resolve=True)),
         tags={"git_commit": tracking.git_commit(), "mlflow.source.git.commit": tracking.git_commit(),
               "data_source": dm.origin, "torch_version": torch.__version__,
-              "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
-              **(tags or {})},
+              "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)},
         metrics=param_counts(model),
     )
     tracker.log_files({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
@@ -183,7 +185,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     model.to(device)
     counts = param_counts(model)
     if tracker:
-        stage_run(tracker, cfg, dm, model, device, tags)
+        stage_run(tracker, cfg, dm, model, device)
 
     outcome = "completed"
     start = time.perf_counter()
