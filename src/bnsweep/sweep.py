@@ -27,6 +27,7 @@ import hydra
 import optuna
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
 from tqdm import tqdm
 
 from bnsweep import summary, tracking
@@ -222,6 +223,9 @@ class Sweep:
             metrics = {k: v for k, v in row.items() if k != "cell" and isinstance(v, (int, float))}
             tracking.RunTracker.for_run(self.client, parent).log(metrics)
             self.client.set_terminated(parent, "FINISHED" if row["running"] == 0 else "KILLED")
+            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if failed and row["running"] == 0:  # a worker killed mid-trial may not have ended its run
+                tracking.mark_killed(self.client, self.experiment_id, study.study_name, failed)
         md, csv = summary.to_markdown(rows, self.spec.target_acc), summary.to_csv(rows)
         out = Path("reports") / self.spec.name
         out.mkdir(parents=True, exist_ok=True)
@@ -303,7 +307,8 @@ def run(cfg: DictConfig) -> list[dict]:
         t = sweep.timing()
         if t["trials"]:
             print(f"{t['trials']} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
-                  f"{(n_workers * wall - t['fit_s']) / t['trials']:.2f} s per trial (worker start-up included)",
+                  f"{(n_workers * wall - t['fit_s'] - t['eval_s']) / t['trials']:.2f} s per trial "
+                  "(beyond training and testing; worker start-up included)",
                   file=sys.stderr)
     elif not local and sweep.launcher.attach(sweep.log_dir):  # status: watch the running jobs to their end
         sweep.run_workers(sweep.workers, attach=True)
