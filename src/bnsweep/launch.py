@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import socket
 from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+
+from bnsweep.server import free_port
 
 _CONTEXT = multiprocessing.get_context("forkserver")
 
@@ -68,12 +69,6 @@ def spawn_worker(argv: list[str], log_path: str | Path, env: dict[str, str] | No
     return proc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalLauncher:
     """Config ``launcher=local`` (the default): workers as processes on this machine."""
 
@@ -84,7 +79,7 @@ class LocalLauncher:
     def start(self, argv: list[str], log_dir: Path, first: int, count: int, ranks: int = 1) -> None:
         """Start workers ``first .. first+count-1`` (the number is their sampler seed offset)."""
         for k in range(first, first + count):
-            port = _free_port() if ranks > 1 else 0
+            port = free_port() if ranks > 1 else 0
             for r in range(ranks):
                 name = f"worker-{k}.log" if ranks == 1 else f"worker-{k}-rank{r}.log"
                 self.procs.append(spawn_worker([*argv, "--seed-offset", str(k)], log_dir / name,

@@ -9,6 +9,7 @@ are retried, finished ones are never repeated.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -133,7 +134,7 @@ class Sweep:
         return ["--storage", self.storage_url, "--sweep", self.spec.name, "--tracking-uri", self.uri,
                 "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s)]
 
-    @property
+    @functools.cached_property
     def ranks(self) -> int:
         """Processes per worker: ``trainer.devices`` under a DDP strategy (the first cell's), else 1."""
         trainer = compose_train(self.spec.cells()[0].overrides).trainer
