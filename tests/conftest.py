@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from bnsweep.server import MlflowServer
+from bnsweep.tracking.server import MlflowServer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 from conftest import CONF, make_cfg
 
-from bnsweep.config import validate
 from bnsweep.errors import ConfigError
+from bnsweep.training.checks import validate
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONF) / g).glob("*.yaml"))
           for g in ("data", "model", "optimizer", "trainer", "tracking")}

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnsweep.data import IDX_FILES, InMemoryDataModule, MinibatchChunks, acquire
 from bnsweep.errors import ConfigError, DataError
+from bnsweep.training.data import IDX_FILES, InMemoryDataModule, MinibatchChunks, acquire
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

@@ -8,7 +8,7 @@ from conftest import sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from bnsweep.studies import default_storage, open_storage, sweep_studies
+from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 
 
 def test_ddp_trial_on_two_cpu_processes(mlflow_server: str, tmp_path: Path) -> None:

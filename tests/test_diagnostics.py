@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import make_cfg
 
-from bnsweep.diagnostics import Diagnostics, read_csv
 from bnsweep.errors import ConfigError
-from bnsweep.train import run_training
+from bnsweep.training.diagnostics import Diagnostics, read_csv
+from bnsweep.training.run import run_training
 
 SMALL = ["data.limit_train=1000", "data.val_size=500", "trainer.max_epochs=1", "model.hidden=[32,16]",
          "model.activation=sigmoid", "model.bn.placement=before_act"]

@@ -14,13 +14,13 @@ from conftest import ROOT, make_cfg
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from bnsweep import checkpoint
-from bnsweep.data import acquire
+from bnsweep.deploy.export import ExportError, export
+from bnsweep.deploy.fold import AddBiasMap, ChannelShift, SignedMaxPool2d, fold_bn
 from bnsweep.errors import BnsweepError
-from bnsweep.export import ExportError, export
-from bnsweep.fold import AddBiasMap, ChannelShift, SignedMaxPool2d, fold_bn
-from bnsweep.models import CNN, MLP
-from bnsweep.train import run_training
+from bnsweep.training import checkpoint
+from bnsweep.training.data import acquire
+from bnsweep.training.models import CNN, MLP
+from bnsweep.training.run import run_training
 
 TOL = 1e-4
 MNIST = (1, 28, 28)
@@ -186,6 +186,7 @@ def test_export_cli_logs_a_folded_program_and_latency_to_the_run(mlflow_server: 
 
 def test_export_of_a_checkpoint_file_writes_beside_it(tmp_path: Path, mnist_test: torch.Tensor) -> None:
     model = build("cnn", "after_act", True, seed=7)
+    # the model class under its old name (bnsweep.models): files written before the package was split still load
     cfg = {"_target_": "bnsweep.models.CNN", **SMALL_CNN, "bn": {"placement": "after_act", "input": True}}
     (tmp_path / "model.pt").write_bytes(checkpoint.to_bytes(model, cfg, MNIST, 10))
     report = export(make_cfg(f"checkpoint={tmp_path / 'model.pt'}", "latency.enabled=false", config="export"))

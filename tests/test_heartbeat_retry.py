@@ -12,8 +12,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from bnsweep.studies import claim, counts, give_back, recover_study, search_done, top_up
-from bnsweep.sweepdef import parse
+from bnsweep.sweep.definition import parse
+from bnsweep.sweep.slots import claim, counts, give_back, recover_study, search_done, top_up
 
 
 def test_stale_trial_is_retried_in_its_slot_and_counted_once(tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_stopped_worker_gives_its_trial_back_at_once(tmp_path: Path) -> None:
 
 def test_a_stopped_population_gives_back_only_its_unfinished_members(tmp_path: Path) -> None:
     """Journal storage: members that already ended stay as they are; the rest become lost slots."""
-    from bnsweep.studies import open_storage
+    from bnsweep.sweep.storage import open_storage
 
     storage = open_storage(str(tmp_path / "o.journal"))
     study = optuna.create_study(storage=storage, study_name="t/c", direction="maximize")

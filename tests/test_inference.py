@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnsweep.inference import eval_modes, loss_and_accuracy, precise_bn, with_group_stats
-from bnsweep.models import CNN, MLP
+from bnsweep.training.bn_eval import eval_modes, loss_and_accuracy, precise_bn, with_group_stats
+from bnsweep.training.models import CNN, MLP
 
 
 def mlp(placement: str, bn_input: bool = False) -> MLP:

@@ -1,4 +1,4 @@
-from bnsweep.metrics import epochs_to_converge
+from bnsweep.training.convergence import epochs_to_converge
 
 
 def test_first_epoch_reaching_the_target_is_reported_1_based() -> None:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnsweep.errors import ConfigError
-from bnsweep.models import ACTIVATIONS, CNN, INITS, MLP, init_layer, param_counts, summary
+from bnsweep.training.models import ACTIVATIONS, CNN, INITS, MLP, init_layer, param_counts, summary
 
 KERAS = {"bn": {"momentum": 0.01, "eps": 1e-3}}
 

@@ -14,12 +14,12 @@ from test_sweep import runs_by_role, studies_of
 
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
-from bnsweep.population import run_population, train_step
-from bnsweep.stacked import StackedNet
-from bnsweep.stacked_optim import StackedOptimizer
-from bnsweep.studies import best_trial, is_repeat
-from bnsweep.sweepdef import parse
-from bnsweep.train import RunResult, run_training
+from bnsweep.population.layers import StackedNet
+from bnsweep.population.loop import run_population, train_step
+from bnsweep.population.optim import StackedOptimizer
+from bnsweep.sweep.definition import parse
+from bnsweep.sweep.slots import best_trial, is_repeat
+from bnsweep.training.run import RunResult, run_training
 
 SMALL = ("data.limit_train=600", "data.val_size=500", "data.eval_batch_size=250", "trainer.max_epochs=2",
          "trainer.accelerator=cpu", "train.eval_batch_sizes=[]", "model.hidden=[32,16]", "threads=1")

@@ -7,10 +7,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from bnsweep import summary
 from bnsweep.errors import ConfigError
-from bnsweep.studies import best_trial, claim, is_repeat, open_storage, search_done, top_up
-from bnsweep.sweepdef import parse
+from bnsweep.sweep import table
+from bnsweep.sweep.definition import parse
+from bnsweep.sweep.slots import best_trial, claim, is_repeat, search_done, top_up
+from bnsweep.sweep.storage import open_storage
 
 RAW = {"name": "r", "base": ["data.limit_train=100"], "grid": {"model.bn.placement": ["none"]},
        "search": {"optimizer.lr": {"low": 1e-3, "high": 1.0, "log": True}}, "sampler": {"name": "grid"},
@@ -67,7 +68,7 @@ def test_a_better_repeat_never_becomes_the_best_lr(tmp_path: Path) -> None:
     repeat = finish(study, storage, 0.99)  # a lucky seed at the best LR
     assert is_repeat(study.get_trials()[repeat.number])
     assert best_trial(study.get_trials()).number == 1
-    row = summary.cell_row(study, 0.9)
+    row = table.cell_row(study, 0.9)
     assert row["best_val_acc"] == 0.95 and row["complete"] == 3 and row["running"] == 0
 
 

@@ -20,8 +20,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats as sps
 
-from bnsweep.stats import Interval, basin_bracket, bracket_diff, mean_ci, paired_diff
-from bnsweep.studies import default_storage, is_repeat, open_storage, sweep_studies
+from bnsweep.report.stats import Interval, basin_bracket, bracket_diff, mean_ci, paired_diff
+from bnsweep.sweep.slots import is_repeat
+from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FIGURES = {"heatmap", "effects", "lr_curves", "learning_curves", "epochs_time", "importance", "slice",
@@ -106,7 +107,7 @@ def test_report_is_logged_to_the_sweeps_summary_run(report: Path, tiny_sweep: Si
 
 
 def test_trials_log_diagnostics_per_layer(tiny_sweep: SimpleNamespace, tmp_path: Path) -> None:
-    from bnsweep.diagnostics import read_csv
+    from bnsweep.training.diagnostics import read_csv
 
     client = MlflowClient(tiny_sweep.uri)
     exp = client.get_experiment_by_name(f"sweep-{tiny_sweep.name}")
@@ -188,8 +189,8 @@ def test_lr_basin_bracket_is_the_grid_resolution() -> None:
 
 def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
     """Cells with LR curves, seed-paired repeats and diagnostics; ``gain`` adds accuracy per grid label."""
-    from bnsweep import summary
-    from bnsweep.report import CellResult, TrialResult
+    from bnsweep.report.results import CellResult, TrialResult
+    from bnsweep.sweep import table
 
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.002, 3)  # the same per-seed noise in every cell: pairing removes it
@@ -208,7 +209,7 @@ def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
         diag = [{"step": s, "epoch": 1, "layer": layer, "p15": -1.0 - s / 100, "p50": 0.0, "p85": 1.0 + s / 100,
                  "grad_norm": 1.0 / (s + 1)} for s in range(0, 100, 10) for layer in ("fc1", "fc2")]
         name = ",".join(f"{k}={v}" for k, v in labels.items())
-        row = {k: math.nan for k in summary.COLUMNS} | {"cell": name, "best_lr": best.lr, "best_val_acc": top,
+        row = {k: math.nan for k in table.COLUMNS} | {"cell": name, "best_lr": best.lr, "best_val_acc": top,
                                                          "test_acc": top - 0.01}
         basin = basin_bracket(list(lrs), list(accs), 0.8, 1e-3, 10.0)
         cells.append(CellResult(name, labels, row, trials, repeats, best, basin, diag))
@@ -221,7 +222,7 @@ def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
     {"optimizer": ["sgd", "adam", "rmsprop"]},
 ])
 def test_report_renders_any_grid_shape(grid: dict[str, list[str]], tmp_path: Path) -> None:
-    from bnsweep.report import render
+    from bnsweep.report.build import render
 
     attrs = {"target_acc": 0.8, "search_range": (1e-3, 10.0), "grid": dict.fromkeys(grid), "n_trials": 6,
              "epochs": 3, "repeats": 3, "sampler": {"name": "grid"}, "description": "synthetic"}

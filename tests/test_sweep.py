@@ -19,11 +19,12 @@ from conftest import ROOT, make_cfg, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from bnsweep import summary
 from bnsweep.errors import ConfigError
-from bnsweep.metrics import lr_basin_decades
-from bnsweep.studies import best_trial, default_storage, is_repeat, open_storage, sweep_studies
-from bnsweep.sweepdef import parse
+from bnsweep.sweep import table
+from bnsweep.sweep.definition import parse
+from bnsweep.sweep.slots import best_trial, is_repeat
+from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
+from bnsweep.training.convergence import lr_basin_decades
 
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
 
@@ -113,7 +114,8 @@ def test_lr_basin_in_decades() -> None:
 
 
 def _claim_all(url: str, name: str, queue) -> None:
-    from bnsweep.studies import claim, open_storage
+    from bnsweep.sweep.slots import claim
+    from bnsweep.sweep.storage import open_storage
 
     storage = open_storage(url)
     study = optuna.load_study(study_name=name, storage=storage)
@@ -162,7 +164,7 @@ def test_tiny_sweep_two_workers_exact_counts(tiny_sweep: SimpleNamespace) -> Non
         assert not is_repeat(best) and best.number < 3
         assert sorted(t.user_attrs["seed"] for t in repeats) == [1, 2]
         assert all(t.params == best.params and t.user_attrs["repeat_of"] == best.number for t in repeats)
-        row = summary.cell_row(s, 0.8)
+        row = table.cell_row(s, 0.8)
         assert row["complete"] == 3 and row["running"] == 0 and row["best_lr"] == best.params["optimizer.lr"]
     runs = runs_by_role(mlflow_server, name)
     assert len(runs["cell"]) == 2 and len(runs["summary"]) == 1 and len(runs["trial"]) == 10
@@ -182,9 +184,9 @@ def test_tiny_sweep_two_workers_exact_counts(tiny_sweep: SimpleNamespace) -> Non
         assert {"best_lr", "best_val_acc", "lr_basin_decades", "s_per_epoch"} <= set(r.data.metrics)
     arts = {a.path for a in client.list_artifacts(runs["summary"][0].info.run_id)}
     assert {"summary.csv", "summary.md"} <= arts
-    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(
+    rows = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(
         runs["summary"][0].info.run_id, "summary.csv")).read_text())))
-    for row in table:  # (b) - (a): population statistics minus running averages, at the best LR
+    for row in rows:  # (b) - (a): population statistics minus running averages, at the best LR
         trial = next(r for r in runs["trial"] if r.data.tags["optuna.study"].endswith(row["cell"])
                      and "bnsweep.repeat" not in r.data.tags
                      and float(r.data.params["optimizer.lr"]) == pytest.approx(float(row["best_lr"])))

@@ -11,10 +11,10 @@ import torch
 from conftest import ROOT, make_cfg
 from mlflow.tracking import MlflowClient
 
-from bnsweep import checkpoint
-from bnsweep.data import InMemoryDataModule
 from bnsweep.errors import TrackingError
-from bnsweep.train import run_training
+from bnsweep.training import checkpoint
+from bnsweep.training.data import InMemoryDataModule
+from bnsweep.training.run import run_training
 
 QUICK = ["data.limit_train=3000", "data.val_size=1000", "trainer.max_epochs=2", "trainer.accelerator=cpu"]
 EPOCH_KEYS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]

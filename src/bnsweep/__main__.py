@@ -1,3 +1,5 @@
-from bnsweep.train import main
+"""``python -m bnsweep <command>``: the same as the ``bnsweep`` command."""
+
+from bnsweep.cli import main
 
 main()

@@ -22,8 +22,9 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from test_sweep import claim_race  # the same race, on PostgreSQL
 
-from bnsweep.server import MlflowServer
-from bnsweep.studies import live, open_storage, retried, sweep_studies
+from bnsweep.sweep.slots import live, retried
+from bnsweep.sweep.storage import open_storage, sweep_studies
+from bnsweep.tracking.server import MlflowServer
 
 pytestmark = pytest.mark.cluster
 PG = os.environ.get("BNSWEEP_TEST_PG", "postgresql://postgres@127.0.0.1:54329/ci")

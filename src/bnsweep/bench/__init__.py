@@ -1,0 +1,1 @@
+"""``make bench``: speed ratios measured side by side in one run on this machine."""

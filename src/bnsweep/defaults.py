@@ -1,0 +1,25 @@
+"""The defaults that more than one part of bnsweep needs, each in one place.
+
+The configs in ``conf/`` are what users read and override; the numbers below are read from them, so
+a worker started by hand, a test or the report use exactly what ``bnsweep sweep`` would.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # shipped in the package: works from any folder
+SWEEP_DIR = str(Path(CONF_DIR) / "sweep")  # the built-in sweep definitions (a checkout's sweeps/ links here)
+
+_SWEEP = OmegaConf.load(Path(CONF_DIR) / "run_sweep.yaml")
+STORE_DIR: str = _SWEEP.tracking.store_dir  # MLflow's sqlite store, artifacts and the Optuna journals
+HEARTBEAT_S: int = _SWEEP.heartbeat_s  # PostgreSQL storage: a running trial's heartbeat interval
+STALE_AFTER_S: float = float(_SWEEP.stale_after_s)  # a running trial silent this long is retried
+
+
+def worker_count() -> int:
+    """Local sweep workers when ``workers=null``: one per CPU core this process may use."""
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,19 @@
+"""Which configs a population can train: checked when a sweep file is read, before any worker starts."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from bnsweep.errors import ConfigError
+from bnsweep.population.optim import check_options
+
+
+def check(cfg: DictConfig) -> None:
+    """ConfigError (one line) if this run's config cannot be trained as a population member."""
+    if cfg.train.get("diagnostics"):
+        raise ConfigError("train.diagnostics=true is not allowed with population training (its hooks watch one "
+                          "network); run this sweep with population=1")
+    if str(cfg.trainer.get("precision", "32-true")) not in ("32-true", "32"):
+        raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not allowed with population training; "
+                          "use 32-true")
+    check_options(OmegaConf.to_container(cfg.optimizer, resolve=True))

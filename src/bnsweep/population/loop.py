@@ -1,0 +1,327 @@
+"""Population training: K trials of one cell trained as one stacked network (``sweep.population=K``).
+
+Members share the architecture and every setting but the learning rate and the seed. Each starts
+from the weights its own single run would (the single model is built with the member's seed and
+then stacked), draws its mini-batches in the order its own ``data.seed`` gives (members with the
+same data seed share each batch), keeps its own optimizer state and BN statistics, and ends as its
+own run: the same history, final metrics, MLflow run and Optuna report as ``train.run_training``,
+within float tolerance. A member that diverges or is pruned is cut out of the stacked tensors at
+once and finished; the others go on untouched.
+
+Time is shared: a member's ``epoch_time_s`` and ``runtime_s`` are its share of the population's
+wall time (split evenly among the members training at that moment), i.e. what it cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import lightning.pytorch as pl
+import optuna
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from bnsweep.config import instantiate
+from bnsweep.errors import ConfigError
+from bnsweep.population.checks import check
+from bnsweep.population.layers import WALK, StackedNet
+from bnsweep.population.optim import StackedOptimizer
+from bnsweep.tracking.runs import RunTracker, flatten
+from bnsweep.training import bn_eval
+from bnsweep.training.checks import validate
+from bnsweep.training.data import InMemoryDataModule, MinibatchChunks
+from bnsweep.training.models import param_counts
+from bnsweep.training.run import (
+    RunResult,
+    abort_tracker,
+    close_tracker,
+    final_metrics,
+    new_tracker,
+    prepare,
+    stage_run,
+    test_metrics,
+)
+
+log = logging.getLogger("bnsweep.population")
+MEMBER_KEYS = ("optimizer.lr", "seed")  # what members may differ in (data.seed follows seed)
+_FREE = (*MEMBER_KEYS, "data.seed", "tracking.run_name")
+
+
+def _without_free(cfg: DictConfig) -> dict:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for key in _FREE:
+        *path, last = key.split(".")
+        node = c
+        for p in path:
+            node = node.get(p, {})
+        node.pop(last, None)
+    return flatten(c)
+
+
+def check_members(cfgs: Sequence[DictConfig]) -> None:
+    """Members may differ only in learning rate and seed."""
+    first = _without_free(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = _without_free(cfg)
+        diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        if diff:
+            raise ConfigError(f"population members differ in {', '.join(diff[:5])}; only "
+                              f"{', '.join(MEMBER_KEYS)} may differ within a population")
+
+
+def device_of(cfg: DictConfig) -> torch.device:
+    """The trainer's accelerator, as Lightning would pick it for one device."""
+    acc = str(cfg.trainer.get("accelerator", "auto"))
+    if acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={acc} but torch sees no CUDA device")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass(eq=False)
+class Member:
+    """One trial inside the population: its config, its run, and its share of the time."""
+
+    index: int  # position in the caller's list
+    cfg: DictConfig
+    model: torch.nn.Module  # the single model: the member's weights go back into it at the end
+    tracker: RunTracker | None = None
+    trial: optuna.Trial | None = None  # reported to and pruned by Optuna when given
+    heartbeat: Callable[[], None] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    runtime: float = 0.0
+    epoch_time: float = 0.0
+
+
+class BatchOrder:
+    """Each member's mini-batches in its own single run's order: one seeded permutation per data seed."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seeds: Sequence[int]) -> None:
+        self.orders = {s: MinibatchChunks(x, y, batch_size, 1, True, s) for s in dict.fromkeys(seeds)}
+
+    def epoch(self, seeds: Sequence[int]) -> tuple[list[torch.Tensor], bool]:
+        """This epoch's steps for members with ``seeds``: (B,) indices when all share one order, else (K, B)."""
+        per_seed = {s: o.batch_indices() for s, o in self.orders.items()}  # every order advances, as alone
+        if len(set(seeds)) == 1:
+            return per_seed[seeds[0]], False
+        first = per_seed[seeds[0]]
+        full = torch.stack([torch.cat(per_seed[s]) for s in seeds])
+        return list(full.split([len(i) for i in first], dim=1)), True
+
+
+def train_step(net: StackedNet, opt: StackedOptimizer, x: torch.Tensor, y: torch.Tensor, per_member: bool,
+               sums: torch.Tensor) -> int:
+    """One optimizer step of every member; adds (loss*n, correct) per member to ``sums`` (no host sync).
+
+    Returns n, the batch size (the same for every member).
+    """
+    logits = net(x, per_member)
+    k, b, c = logits.shape
+    target = y if per_member else y.repeat(k)
+    losses = F.cross_entropy(logits.reshape(k * b, c), target.reshape(-1), reduction="none").view(k, b).mean(1)
+    opt.zero_grad()
+    losses.sum().backward()  # member k's gradients come from its own loss only
+    opt.step()
+    with torch.no_grad():
+        correct = logits.argmax(2).view(-1) == target.view(-1)
+        sums[:, 0].add_(losses, alpha=b)
+        sums[:, 1] += correct.view(k, b).sum(1)
+    return b
+
+
+def eval_chunk(chunk: int, k: int) -> int:
+    """Inputs per evaluation call: ``data.eval_batch_size`` split among the members (K times the work per
+    input), so that a call's activations stay in cache. Evaluation is per input: the numbers do not change."""
+    return max(64, chunk // k)
+
+
+@torch.no_grad()
+def evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list[tuple[float, float]]:
+    """(mean loss, accuracy) per member in eval mode (BN running statistics), ``chunk`` inputs per call."""
+    chunk = eval_chunk(chunk, net.k)
+    was_training = net.training
+    net.eval()
+    sums = torch.zeros(net.k, 2, device=x.device)
+    for start in range(0, len(x), chunk):
+        logits = net(x[start : start + chunk])
+        k, b, c = logits.shape
+        target = y[start : start + chunk]
+        loss = F.cross_entropy(logits.reshape(k * b, c), target.repeat(k), reduction="none").view(k, b).sum(1)
+        sums += torch.stack([loss, (logits.argmax(2) == target).sum(1).to(loss.dtype)], 1)
+    net.train(was_training)
+    return [(loss / len(x), correct / len(x)) for loss, correct in sums.tolist()]  # as a single run: / n on the host
+
+
+class Population:
+    """The training loop: a stacked network, its optimizer, and the members still in it."""
+
+    def __init__(self, members: list[Member], dm: InMemoryDataModule, device: torch.device,
+                 on_done: Callable[[Member, RunResult], None]) -> None:
+        base = members[0].cfg
+        self.members, self.active, self.dm, self.on_done = members, list(members), dm, on_done
+        self.counts = param_counts(members[0].model)
+        self.net = StackedNet([m.model for m in members]).to(device)
+        self.opt = StackedOptimizer(list(self.net.parameters()), OmegaConf.to_container(base.optimizer, resolve=True),
+                                    torch.tensor([float(m.cfg.optimizer.lr) for m in members]))
+        t = dm.tensors
+        self.order = BatchOrder(t["train_x"], t["train_y"], dm.batch_size, [int(m.cfg.data.seed) for m in members])
+        self.chunk_steps, self.max_loss = dm.chunk_steps, float(base.train.max_loss)
+        self.sums = torch.zeros(len(members), 2, device=device)  # per member: loss * n, correct
+        self.clock = time.perf_counter()
+
+    def charge(self) -> None:
+        """Split the wall time since the last call evenly among the members training now."""
+        now = time.perf_counter()
+        share = (now - self.clock) / max(len(self.active), 1)
+        for m in self.active:
+            m.runtime += share
+            m.epoch_time += share
+        self.clock = now
+
+    def drop(self, positions: Sequence[int], outcome: str) -> torch.Tensor:
+        """Finish these members (positions in ``active``), cut them from the stacked tensors; return the rest."""
+        gone = [self.active[j] for j in positions]
+        keep = torch.tensor([j for j in range(len(self.active)) if j not in set(positions)], dtype=torch.long,
+                            device=self.sums.device)
+        self.active = [m for m in self.active if m not in gone]
+        if self.active:
+            self.net.keep(keep)
+            self.opt.keep(keep)
+            self.sums = self.sums[keep]
+        for m in gone:
+            self.finish(m, outcome)
+        self.clock = time.perf_counter()  # finishing (logging) is nobody's training time
+        return keep
+
+    def finish(self, m: Member, outcome: str, test: tuple[float, float] | None = None,
+               precise: tuple[float, float] | None = None, eval_s: float = 0.0) -> None:
+        """``eval_s``: the member's share of the population's test evaluation (its ``eval_time_s``)."""
+        final = final_metrics(m.cfg, m.history, outcome, m.runtime, self.counts)
+        if test is not None:
+            started = time.perf_counter()
+            final |= test_metrics(m.cfg, m.model, self.dm, *test, precise=precise)
+            final["eval_time_s"] = eval_s + time.perf_counter() - started
+        if m.tracker:
+            close_tracker(m.tracker, m.cfg, m.model, self.dm, final, outcome, len(m.history))
+        result = RunResult(m.tracker.run_id if m.tracker else None, final, m.history, outcome, m.tracker)
+        self.on_done(m, result)
+
+    def run_epoch(self, epoch: int) -> None:
+        t = self.dm.tensors
+        for m in self.active:
+            m.epoch_time = 0.0
+        self.sums.zero_()
+        n = 0
+        steps, per_member = self.order.epoch([int(m.cfg.data.seed) for m in self.active])
+        for start in range(0, len(steps), self.chunk_steps):
+            for idx in steps[start : start + self.chunk_steps]:
+                n += train_step(self.net, self.opt, t["train_x"][idx], t["train_y"][idx], per_member, self.sums)
+            # One host sync per chunk, as a single run: stop a diverging member at once.
+            mean_loss = [loss / n for loss in self.sums[:, 0].tolist()]
+            self.charge()
+            bad = [j for j, v in enumerate(mean_loss) if not math.isfinite(v) or v > self.max_loss]
+            if not bad:
+                continue
+            for j in bad:
+                log.warning("member %d diverged: training loss %.3g in epoch %d", self.active[j].index,
+                            mean_loss[j], epoch)
+            keep = self.drop(bad, "diverged")
+            if not self.active:
+                return
+            if per_member:  # the survivors' own orders; a single one left is one index tensor per step
+                one = len({int(m.cfg.data.seed) for m in self.active}) == 1
+                steps = [s[int(keep[0])] if one else s.index_select(0, keep) for s in steps]
+                per_member = not one
+        train = [(loss / n, correct / n) for loss, correct in self.sums.tolist()]
+        val = evaluate(self.net, t["val_x"], t["val_y"], self.dm.eval_batch_size)
+        self.charge()
+        pruned = []
+        for j, m in enumerate(self.active):
+            m.history.append({"epoch": epoch, "train_loss": train[j][0], "train_acc": train[j][1],
+                              "val_loss": val[j][0], "val_acc": val[j][1], "epoch_time_s": m.epoch_time})
+            if m.trial is not None:  # as optuna's Lightning callback: float32 value, 0-based epoch
+                m.trial.report(float(torch.tensor(val[j][1])), step=epoch - 1)
+                if m.trial.should_prune():
+                    pruned.append(j)
+                    continue
+            if m.tracker:  # (a pruned single run never reaches its epoch logger either)
+                row = dict(m.history[-1])
+                m.tracker.log(row, step=int(row.pop("epoch")))
+            if m.heartbeat:
+                m.heartbeat()
+        if pruned:
+            self.drop(pruned, "pruned")
+
+    def run(self, epochs: int) -> None:
+        for epoch in range(1, epochs + 1):
+            self.run_epoch(epoch)
+            if not self.active:
+                return
+        t, chunk = self.dm.tensors, self.dm.eval_batch_size
+        evaluated = time.perf_counter()
+        test = evaluate(self.net, t["test_x"], t["test_y"], chunk)
+        precise: list = [None] * len(self.active)
+        if self.members[0].cfg.train.get("precise_bn", True):  # population statistics of all members at once
+            net = bn_eval.precise_bn(self.net, t["train_x"], eval_chunk(chunk, self.net.k), walk=WALK)
+            precise = evaluate(net, t["test_x"], t["test_y"], chunk)
+        share = (time.perf_counter() - evaluated) / len(self.active)
+        for j, m in enumerate(self.active):
+            m.model.load_state_dict(self.net.member_state(j))
+            self.finish(m, "completed", test[j], precise[j], share)
+        self.active = []
+
+
+def run_population(cfgs: Sequence[DictConfig], *, datamodule: InMemoryDataModule | None = None,
+                   tags: Sequence[dict[str, str] | None] | None = None, parent_run_id: str | None = None,
+                   track: bool = True, background_logging: bool = False,
+                   trials: Sequence[optuna.Trial | None] | None = None,
+                   heartbeats: Sequence[Callable[[], None] | None] | None = None,
+                   on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
+    """Train ``cfgs`` (one per member) as one population; each member's result as ``run_training``'s.
+
+    ``trials[i]`` (optional) is reported each epoch and may prune member i; ``on_done(i, result)`` is
+    called as soon as member i finishes (diverged and pruned members finish early), so a sweep can
+    tell Optuna at once. With ``background_logging`` the caller must ``close()`` each result's tracker.
+    """
+    base = cfgs[0]
+    for cfg in cfgs:
+        validate(cfg)
+        check(cfg)
+    check_members(cfgs)
+    uri, dm = prepare(base, datamodule, track)
+    device = device_of(base)
+    dm.tensors = {k: v.to(device) for k, v in dm.tensors.items()}  # resident on the training device
+    members = []
+    for i, cfg in enumerate(cfgs):
+        pl.seed_everything(int(cfg.seed), workers=False, verbose=False)  # as its single run: same init
+        model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes).to(device)
+        members.append(Member(i, cfg, model, trial=trials[i] if trials else None,
+                              heartbeat=heartbeats[i] if heartbeats else None))
+    results: dict[int, RunResult] = {}
+
+    def done(m: Member, result: RunResult) -> None:
+        if m.tracker and not background_logging:
+            m.tracker.close()
+        results[m.index] = result
+        if on_done:
+            on_done(m.index, result)
+
+    try:
+        for m in members if track else ():
+            own = {**((tags[m.index] if tags else None) or {}), "bnsweep.population": str(len(cfgs))}
+            m.tracker = new_tracker(m.cfg, uri, parent_run_id, background_logging, own)
+            stage_run(m.tracker, m.cfg, dm, m.model, device)
+        pop = Population(members, dm, device, done)
+        pop.run(int(base.trainer.max_epochs))
+    except BaseException as e:
+        for m in members:
+            if m.index not in results and m.tracker:
+                abort_tracker(m.tracker, e)
+        raise
+    return [results[i] for i in range(len(cfgs))]

@@ -1,0 +1,1 @@
+"""Sweeps: definitions, the Optuna storage and its trial slots, the driver, workers and their launchers."""

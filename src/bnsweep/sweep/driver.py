@@ -1,0 +1,307 @@
+"""The sweep driver: ``bnsweep sweep sweep=default`` (or ``make sweep SWEEP=default``).
+
+Expands the grid into cells (one Optuna study ``<sweep>/<cell>`` each, in one storage), makes sure
+an MLflow server is there (a parent run per cell), enqueues the missing trials, starts W workers
+(local processes, or ``launcher=slurm``: a SLURM job array, see launch_slurm.py), shows one progress
+bar read from the storage, and ends with the summary table. Running it again resumes: lost trials
+are retried, finished ones are never repeated.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import optuna
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from bnsweep.config import compose, instantiate
+from bnsweep.defaults import CONF_DIR, worker_count
+from bnsweep.errors import ConfigError, run_app
+from bnsweep.sweep import table
+from bnsweep.sweep.definition import SweepSpec, parse
+from bnsweep.sweep.launch_local import LocalLauncher
+from bnsweep.sweep.slots import counts, recover_study
+from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
+from bnsweep.tracking.runs import RunTracker, artifact_root, get_or_create_experiment, mark_killed, summary_run
+from bnsweep.tracking.server import connect
+
+log = logging.getLogger("bnsweep.sweep")
+
+
+@dataclass
+class Sweep:
+    """Everything the driver holds about one sweep."""
+
+    spec: SweepSpec
+    storage_url: str
+    uri: str
+    store_dir: Path
+    stale_after_s: float
+    workers: int
+    launcher: Any  # LocalLauncher or launch_slurm.SlurmLauncher
+    heartbeat_s: int
+
+    def __post_init__(self) -> None:
+        self.storage = open_storage(self.storage_url, self.heartbeat_s, self.stale_after_s)
+        self.client = MlflowClient(self.uri)
+        self.experiment = f"sweep-{self.spec.name}"
+        self.experiment_id = get_or_create_experiment(
+            self.client, self.experiment, artifact_root(self.uri, self.store_dir))
+
+    @property
+    def studies(self) -> list[optuna.Study]:
+        """This sweep's cell studies; ``prepare`` keeps them, so polling reads only new journal lines."""
+        return getattr(self, "_studies", None) or sweep_studies(self.storage, self.spec.name)
+
+    @property
+    def log_dir(self) -> Path:
+        path = self.store_dir / "sweeps" / self.spec.name.replace("/", "_")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        """Create or check each cell's study and parent run; enqueue every missing trial."""
+        studies = []
+        for i, cell in enumerate(self.spec.cells()):
+            study = optuna.create_study(storage=self.storage, study_name=self.spec.study_name(cell),
+                                        direction="maximize", load_if_exists=True)
+            old = study.user_attrs.get("overrides")
+            if old is not None and old != cell.overrides:
+                raise ConfigError(
+                    f"sweep {self.spec.name!r} changed since its studies were created (cell {cell.name}: "
+                    f"{old} -> {cell.overrides}); give it a new name (sweep.name=...) or delete "
+                    f"{self.storage_url}")
+            parent = study.user_attrs.get("mlflow_parent_run_id")
+            if parent is None:
+                run = self.client.create_run(self.experiment_id, run_name=cell.name, tags={
+                    "bnsweep.sweep": self.spec.name, "bnsweep.cell": cell.name, "bnsweep.role": "cell",
+                    "optuna.study": study.study_name})
+                parent = run.info.run_id
+                RunTracker.for_run(self.client, parent).log(
+                    params={**{k: v for k, v in cell.values.items()}, "overrides": " ".join(cell.overrides)})
+            else:
+                self.client.update_run(parent, status="RUNNING")
+            attrs = {**self.spec.to_attrs(), "cell": cell.name, "grid": cell.values, "order": i,
+                     "overrides": cell.overrides, "mlflow_parent_run_id": parent,
+                     "mlflow_experiment": self.experiment}
+            for k, v in attrs.items():
+                if study.user_attrs.get(k) != v:
+                    study.set_user_attr(k, v)
+            studies.append(study)
+        self._studies = studies
+        self.recover()
+
+    def recover(self) -> int:
+        """Retry trials whose worker died; mark their MLflow runs KILLED. Returns trials enqueued."""
+        added = 0
+        for study in self.studies:
+            lost, n = recover_study(self.storage, study, self.stale_after_s)
+            mark_killed(self.client, self.experiment_id, study.study_name, lost)
+            added += n
+        return added
+
+    def prepare_data(self) -> None:
+        """Decode each dataset once here, so parallel workers only read the cache."""
+        seen = set()
+        for cell in self.spec.cells():
+            data = compose("train", cell.overrides).data
+            key = OmegaConf.to_yaml(data, resolve=True)
+            if key not in seen:
+                seen.add(key)
+                instantiate(data).prepare_data()
+
+    # ------------------------------------------------------------------ workers
+
+    def worker_args(self) -> list[str]:
+        """Arguments of ``python -m bnsweep.worker``: the same worker on this machine or a cluster."""
+        return ["--storage", self.storage_url, "--sweep", self.spec.name, "--tracking-uri", self.uri,
+                "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s)]
+
+    @functools.cached_property
+    def ranks(self) -> int:
+        """Processes per worker: ``trainer.devices`` under a DDP strategy (the first cell's), else 1."""
+        trainer = compose("train", self.spec.cells()[0].overrides).trainer
+        strategy = trainer.get("strategy", "auto")
+        name = strategy if isinstance(strategy, str) else strategy.get("_target_", "")
+        return int(trainer.devices) if "ddp" in name.lower() and isinstance(trainer.devices, int) else 1
+
+    def spawn(self, first: int, count: int) -> None:
+        self.launcher.start(self.worker_args(), self.log_dir, first, count, self.ranks)
+
+    def totals(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for study in self.studies:
+            for k, v in counts(study).items():
+                c[k] = c.get(k, 0) + v
+        return c
+
+    def run_workers(self, n_workers: int, quiet: bool = False, attach: bool = False) -> float:
+        """Run the workers to the end with one progress bar; return the wall time.
+
+        ``attach``: start none, watch those an earlier command started (``launcher.wait=false``).
+        """
+        total = (self.spec.n_trials + self.spec.repeats) * len(self.spec.cells())
+        start = time.perf_counter()
+        if not attach:
+            self.spawn(0, n_workers)
+        respawns = n_workers
+        bar = tqdm(total=total, desc=f"sweep {self.spec.name}", unit="trial", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0, disable=quiet)
+        announced: set[str] = set()
+        last_check = time.monotonic()
+        shown, live = None, sys.stderr.isatty()  # in a log file: a line only when the counts change
+        try:
+            while True:
+                alive = self.launcher.alive()
+                c = self.totals()
+                finished = c.get("complete", 0) + c.get("pruned", 0) + c.get("diverged", 0) + c.get("fail", 0)
+                bar.n = min(finished, total)
+                bar.set_postfix_str(f"running {c.get('running', 0)}, pruned {c.get('pruned', 0)}, "
+                                    f"diverged {c.get('diverged', 0)}, failed {c.get('fail', 0)}"
+                                    f"{', retried ' + str(c['lost']) if c.get('lost') else ''}", refresh=False)
+                if live or c != shown:
+                    bar.refresh()
+                    shown = c
+                self.announce_cells(bar, announced)
+                if time.monotonic() - last_check > 5 or not alive:
+                    last_check = time.monotonic()
+                    left = self.recover() or self.totals().get("waiting", 0)
+                    if left and not alive and respawns < 2 * n_workers:
+                        self.spawn(respawns, 1)  # a retried trial and nobody left to run it
+                        respawns += 1
+                        continue
+                if not alive:
+                    break
+                self.launcher.pause(1.0)  # local: wakes at once when a worker ends
+        except KeyboardInterrupt:
+            self.launcher.stop()
+            bar.close()
+            raise
+        bar.close()
+        if self.launcher.failed():
+            log.warning("%d worker(s) stopped with an error; see %s", self.launcher.failed(), self.log_dir)
+        return time.perf_counter() - start
+
+    def announce_cells(self, bar: tqdm, announced: set[str]) -> None:
+        for study in self.studies:
+            cell = study.user_attrs["cell"]
+            c = counts(study)
+            if cell in announced or c.get("waiting") or c.get("running"):
+                continue
+            announced.add(cell)
+            row = table.cell_row(study, self.spec.target_acc)
+            best = (f"best val_acc {row['best_val_acc']:.4f} at lr {row['best_lr']:.3g}"
+                    if not math.isnan(row["best_val_acc"]) else "no completed trial")
+            bar.write(f"  done: {cell:<40} {best}")
+
+    # ------------------------------------------------------------------ results
+
+    def finish(self) -> list[dict]:
+        """Summaries on each cell's parent run, the table as CSV/Markdown artifacts and files."""
+        rows = []
+        for study in sorted(self.studies, key=lambda s: s.user_attrs.get("order", 0)):
+            row = table.cell_row(study, self.spec.target_acc)
+            rows.append(row)
+            parent = study.user_attrs["mlflow_parent_run_id"]
+            # NaN is logged too: "no trial got there" (e.g. no LR basin) is an answer, not a gap.
+            metrics = {k: v for k, v in row.items() if k != "cell" and isinstance(v, (int, float))}
+            RunTracker.for_run(self.client, parent).log(metrics)
+            self.client.set_terminated(parent, "FINISHED" if row["running"] == 0 else "KILLED")
+            failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if failed and row["running"] == 0:  # a worker killed mid-trial may not have ended its run
+                mark_killed(self.client, self.experiment_id, study.study_name, failed)
+        md, csv = table.to_markdown(rows, self.spec.target_acc), table.to_csv(rows)
+        out = Path("reports") / self.spec.name
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(md)
+        (out / "summary.csv").write_text(csv)
+        run_id = summary_run(self.client, self.experiment_id, self.spec.name)
+        self.client.log_text(run_id, md, "summary.md")
+        self.client.log_text(run_id, csv, "summary.csv")
+        self.client.set_terminated(run_id, "FINISHED")
+        return rows
+
+    def timing(self) -> dict[str, float]:
+        """Summed fit and test-evaluation time, trials run, and summed claim-to-finish time."""
+        fit, evaluation, n, spans = 0.0, 0.0, 0, {}
+        for study in self.studies:
+            for t in study.get_trials(deepcopy=False):
+                m, run = t.user_attrs.get("metrics"), t.user_attrs.get("run")
+                if m and run and "runtime_s" in m:
+                    fit, n = fit + m["runtime_s"], n + 1
+                    evaluation += m.get("eval_time_s", 0.0)
+                    w = t.user_attrs["worker"]
+                    first, last = spans.get(w["pid"], (math.inf, 0.0))
+                    spans[w["pid"]] = (min(first, w["claimed_at"]), max(last, run["finished_at"]))
+        # busy: each worker's first claim to last finish, i.e. everything but process start-up
+        return {"fit_s": fit, "eval_s": evaluation, "trials": n, "busy_s": sum(b - a for a, b in spans.values())}
+
+
+def open_sweep(cfg: DictConfig) -> Sweep:
+    raw = OmegaConf.to_container(cfg.sweep, resolve=True)
+    if cfg.get("population") is not None:  # how to run, not what: a command-line choice
+        raw["population"] = cfg.population
+    spec = parse(raw, list(cfg.overrides or []))
+    workers = cfg.workers or worker_count()
+    if workers < 1:
+        raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
+    launcher = instantiate(cfg.launcher) if cfg.get("launcher") else LocalLauncher(workers)
+    store = Path(cfg.tracking.store_dir).resolve()
+    url = cfg.storage or default_storage(store, spec.name)
+    if not isinstance(launcher, LocalLauncher) and "://" not in url:
+        log.warning("launcher=%s with a journal file (%s): every node must see it on a shared filesystem "
+                    "(else set storage=postgresql://...)", cfg.launcher.get("_target_", "?").split(".")[-1], url)
+    return Sweep(spec, url, connect(cfg.tracking), store, float(cfg.stale_after_s),
+                 getattr(launcher, "workers", workers), launcher, int(cfg.heartbeat_s))
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    sweep = open_sweep(cfg)
+    sweep.prepare()
+    local = isinstance(sweep.launcher, LocalLauncher)
+    if cfg.action == "run":
+        sweep.prepare_data()
+        n_workers = sweep.workers
+        if not local and not sweep.launcher.wait:
+            sweep.spawn(0, n_workers)
+            from bnsweep.sweep.launch_slurm import reattach_hint
+
+            print(f"submitted {sweep.launcher.describe()}; follow it with:\n  {reattach_hint()}", file=sys.stderr)
+            return []
+        wall = sweep.run_workers(n_workers)
+        t = sweep.timing()
+        if t["trials"]:
+            print(f"{t['trials']} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
+                  f"{(n_workers * wall - t['fit_s'] - t['eval_s']) / t['trials']:.2f} s per trial "
+                  "(beyond training and testing; worker start-up included)",
+                  file=sys.stderr)
+    elif not local and sweep.launcher.attach(sweep.log_dir):  # status: watch the running jobs to their end
+        sweep.run_workers(sweep.workers, attach=True)
+    rows = sweep.finish()
+    print("\n" + table.to_markdown(rows, sweep.spec.target_acc))
+    left = sum(r["running"] for r in rows)
+    print(f"Table: reports/{sweep.spec.name}/summary.{{md,csv}}; dashboard: {sweep.uri}/#/experiments/"
+          f"{sweep.experiment_id}" + (f"\n{left} trials left: run the same command again to resume." if left else ""))
+    return rows
+
+
+@hydra.main(config_path=CONF_DIR, config_name="run_sweep", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_app(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

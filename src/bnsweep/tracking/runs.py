@@ -1,0 +1,225 @@
+"""MLflow tracking with few requests per run: create_run, one log_batch per epoch, set_terminated.
+
+The fluent API costs ~40 ms a call (0.8-1.4 s for a 10-epoch run); batching costs ~0.12 s.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking import MlflowClient
+
+from bnsweep.defaults import STORE_DIR
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from research machines
+log = logging.getLogger("bnsweep.tracking")
+_EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking uri, name) -> id, per process
+PROJECT_ROOT = Path(__file__).resolve().parents[3]  # a checkout: git_commit() names its commit
+MAX_PARAMS, MAX_TAGS, MAX_METRICS = 100, 100, 1000  # MLflow's limits per log_batch
+PARAM_LEN = 6000
+
+
+def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> str:
+    """MLFLOW_TRACKING_URI, else ``tracking.uri``, else a sqlite store in ``store_dir``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri
+    if uri:
+        return str(uri)
+    store = Path(store_dir).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def artifact_root(uri: str, store_dir: str | Path = STORE_DIR) -> str | None:
+    """Artifacts of a local sqlite store live beside it; a server decides for itself."""
+    return (Path(store_dir).resolve() / "artifacts").as_uri() if uri.startswith("sqlite:") else None
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'model.bn.placement': 'after_act', ...} with string values."""
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{name}.")
+        else:
+            out[name] = str(value)[:PARAM_LEN]
+    return out
+
+
+@functools.cache
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunTracker:
+    """One MLflow run, logged with few requests: create_run, one log_batch per epoch, set_terminated.
+
+    ``stage`` holds params/tags until the next ``log`` so they ride in the same request; artifacts
+    are written straight to the run's artifact store (no extra round trip). With
+    ``background=True`` every request goes through one thread, in order, so training never waits
+    on the server; ``close`` waits for them and reports a failure as a warning.
+    """
+
+    def __init__(self, uri: str, experiment: str, run_name: str | None = None,
+                 tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
+                 store_dir: str | Path = STORE_DIR, background: bool = False) -> None:
+        self.client = MlflowClient(uri)
+        self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root(uri, store_dir))
+        tags = dict(tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow") if background else None
+        self._staged: dict[str, dict[str, Any]] = {"params": {}, "tags": {}, "metrics": {}}
+        self._pending: list[Future] = []
+        self._run = self._submit(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+
+    @classmethod
+    def for_run(cls, client: MlflowClient, run_id: str) -> RunTracker:
+        """Log to an existing run (e.g. a sweep cell's parent run), synchronously."""
+        tracker = cls.__new__(cls)
+        tracker.client, tracker._pool, tracker._pending = client, None, []
+        tracker._staged = {"params": {}, "tags": {}, "metrics": {}}
+        tracker._run = _done(client.get_run(run_id))
+        return tracker
+
+    @property
+    def run_id(self) -> str:
+        return self._run.result().info.run_id
+
+    def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        if self._pool is None:
+            return _done(fn(*args, **kwargs))
+        future = self._pool.submit(fn, *args, **kwargs)
+        self._pending.append(future)
+        return future
+
+    def stage(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+              metrics: Mapping[str, float] | None = None) -> None:
+        """Keep these for the next ``log`` request."""
+        for kind, items in (("params", params), ("tags", tags), ("metrics", metrics)):
+            self._staged[kind].update(items or {})
+
+    def log(self, metrics: Mapping[str, float] | None = None, step: int = 0,
+            params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        self.stage(params, tags)
+        now = int(time.time() * 1000)
+        staged, self._staged = self._staged, {"params": {}, "tags": {}, "metrics": {}}
+        m = [Metric(k, float(v), now, 0) for k, v in staged["metrics"].items()]
+        m += [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
+        p = [Param(k, str(v)[:PARAM_LEN]) for k, v in staged["params"].items()]
+        t = [RunTag(k, str(v)) for k, v in staged["tags"].items()]
+        self._submit(self._log_batch, m, p, t)
+
+    def _log_batch(self, m: list, p: list, t: list) -> None:
+        # Usually one request; split only where MLflow's per-request limits demand it.
+        while m or p or t:
+            self.client.log_batch(self.run_id, metrics=m[:MAX_METRICS], params=p[:MAX_PARAMS], tags=t[:MAX_TAGS])
+            m, p, t = m[MAX_METRICS:], p[MAX_PARAMS:], t[MAX_TAGS:]
+
+    def log_files(self, files: Mapping[str, str | bytes]) -> None:
+        """Write small artifacts (text or bytes) in one go, to the run's artifact store."""
+        self._submit(self._log_files, dict(files))
+
+    def _log_files(self, files: dict[str, str | bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(content if isinstance(content, bytes) else content.encode())
+            # tracking_uri: an mlflow-artifacts:/ location (a shared server's proxy) resolves to our server
+            get_artifact_repository(self._run.result().info.artifact_uri,
+                                    tracking_uri=self.client.tracking_uri).log_artifacts(tmp)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (in the background if so built: call ``close`` before the process exits)."""
+        if any(self._staged.values()):
+            self.log()
+        self._submit(lambda: self.client.set_terminated(self.run_id, status))
+
+    def close(self) -> None:
+        """Wait for background requests; a failed one becomes a warning, never a lost trial."""
+        for future in self._pending:
+            try:
+                future.result()
+            except Exception as e:
+                log.warning("MLflow logging failed for run %s: %s", self._run_id_or_none(), e)
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _run_id_or_none(self) -> str | None:
+        try:
+            return self.run_id
+        except Exception:
+            return None
+
+
+def _done(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    key = (client.tracking_uri, name)
+    if key not in _EXPERIMENTS:
+        _EXPERIMENTS[key] = _get_or_create_experiment(client, name, artifact_location)
+    return _EXPERIMENTS[key]
+
+
+def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # another worker created it between our two calls
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trials: list) -> None:
+    """End the MLflow runs of trials whose worker died (KILLED), so none stays RUNNING forever."""
+    for t in trials:
+        for run in client.search_runs(
+                [experiment_id], f"tags.`optuna.trial_id` = '{t._trial_id}' and "
+                f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def summary_run(client: MlflowClient, experiment_id: str, sweep: str) -> str:
+    """The sweep-level MLflow run (table, report): found by its tag, created the first time."""
+    runs = client.search_runs([experiment_id], "tags.`bnsweep.role` = 'summary'")
+    return runs[0].info.run_id if runs else client.create_run(
+        experiment_id, run_name=f"{sweep} summary",
+        tags={"bnsweep.sweep": sweep, "bnsweep.role": "summary"}).info.run_id
+
+
+class EpochLogger(pl.Callback):
+    """Sends each epoch's history row to MLflow in one request (step = epoch, 1-based)."""
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker = tracker
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        row = dict(module.history[-1])
+        self.tracker.log(row, step=int(row.pop("epoch")))
