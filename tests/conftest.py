@@ -1,28 +1,17 @@
-"""Shared fixtures: Hydra compose, real MNIST from the mirror, one real MLflow server per session."""
+"""Shared fixtures: real MNIST from the mirror, one real MLflow server per session (plain helpers: helpers.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from helpers import ROOT, sweep_cli
 
 from bnsweep.tracking.server import MlflowServer
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their store explicitly
-
-
-def make_cfg(*overrides: str, config: str = "train") -> DictConfig:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name=config, overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +27,6 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     uri = server.start()
     yield uri
     server.stop()
-
-
-def sweep_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bnsweep.sweep", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
 
 
 @pytest.fixture(scope="session")

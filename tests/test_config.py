@@ -2,8 +2,9 @@ from itertools import product
 from pathlib import Path
 
 import pytest
-from conftest import CONF, make_cfg
+from helpers import make_cfg
 
+from bnsweep.defaults import CONF_DIR as CONF
 from bnsweep.errors import ConfigError
 from bnsweep.training.checks import validate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import sweep_cli
+from helpers import sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_cfg
+from helpers import make_cfg
 
 from bnsweep.errors import ConfigError
 from bnsweep.training.diagnostics import Diagnostics, read_csv

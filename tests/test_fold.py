@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_cfg
+from helpers import ROOT, make_cfg
 from mlflow.tracking import MlflowClient
 from torch import nn
 

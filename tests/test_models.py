@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnsweep.errors import ConfigError
-from bnsweep.training.models import ACTIVATIONS, CNN, INITS, MLP, init_layer, param_counts, summary
+from bnsweep.training.models import ACTIVATIONS, CNN, INITS, MLP, init_layer, model_summary, param_counts
 
 KERAS = {"bn": {"momentum": 0.01, "eps": 1e-3}}
 
@@ -54,7 +54,7 @@ def test_param_counts_match_keras_summary_of_seed_001() -> None:
     m = MLP((1, 28, 28), 10, activation="leaky_relu", bn={"placement": "after_act", "input": True})
     assert param_counts(m) == {"params_trainable": 268_978, "params_non_trainable": 2_368}
     assert param_counts(MLP((1, 28, 28), 10)) == {"params_trainable": 266_610, "params_non_trainable": 0}
-    assert "non-trainable: 2,368" in summary(m, (1, 28, 28))
+    assert "non-trainable: 2,368" in model_summary(m, (1, 28, 28))
 
 
 FORMULAS = {  # std of each init, written out independently of the code

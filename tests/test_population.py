@@ -7,10 +7,9 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import make_cfg, sweep_cli
+from helpers import RunIf, make_cfg, runs_by_role, studies_of, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from test_sweep import runs_by_role, studies_of
 
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
@@ -162,7 +161,7 @@ def test_population_of_one_or_none_is_one_trial_at_a_time() -> None:
     assert parse({**RAW, "population": 8}).population == 8
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@RunIf(gpu=True)
 def test_gpu_population_matches_cpu_and_steps_without_host_sync(tmp_path: Path) -> None:
     members = [(0.05, 0), (0.2, 0), (0.1, 1)]
     extra = ["model.bn.placement=after_act", "model.bn.input=true", "optimizer=momentum"]

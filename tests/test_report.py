@@ -6,7 +6,6 @@ import itertools
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from helpers import ROOT, RunIf, chromium_exe
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats as sps
@@ -124,9 +123,9 @@ def test_trials_log_diagnostics_per_layer(tiny_sweep: SimpleNamespace, tmp_path:
             assert math.isnan(r["p50"])  # the logits have no activation
 
 
+@RunIf(chromium=True)
 def test_report_html_renders_in_headless_chromium(report: Path, tmp_path: Path) -> None:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "chromium is missing: `make chromium` installs Debian's package (apt-get, as root)"
+    exe = chromium_exe()
     shot = tmp_path / "report.png"
     proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                            "--disable-background-networking", "--disable-component-update", "--disable-sync",

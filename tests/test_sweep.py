@@ -13,34 +13,20 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import optuna
 import pytest
-from conftest import ROOT, make_cfg, sweep_cli
+from helpers import ROOT, claim_race, make_cfg, runs_by_role, studies_of, sweep_cli
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from bnsweep.defaults import SWEEP_DIR
 from bnsweep.errors import ConfigError
 from bnsweep.sweep import table
+from bnsweep.sweep.basin import lr_basin_decades
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.slots import best_trial, is_repeat
-from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
-from bnsweep.training.convergence import lr_basin_decades
+from bnsweep.sweep.storage import default_storage
 
-SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
-
-
-def studies_of(store: Path, name: str) -> list[optuna.Study]:
-    return sweep_studies(open_storage(default_storage(store, name)), name)
-
-
-def runs_by_role(uri: str, name: str) -> dict[str, list]:
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(f"sweep-{name}")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    out: dict[str, list] = {}
-    for r in runs:
-        out.setdefault(r.data.tags.get("bnsweep.role", "?"), []).append(r)
-    return out
+SWEEPS = sorted(p.stem for p in Path(SWEEP_DIR).glob("*.yaml"))  # the ones the package ships
 
 
 # ---------------------------------------------------------------------- definitions
@@ -111,37 +97,6 @@ def test_lr_basin_in_decades() -> None:
 
 
 # ---------------------------------------------------------------------- exact claiming
-
-
-def _claim_all(url: str, name: str, queue) -> None:
-    from bnsweep.sweep.slots import claim
-    from bnsweep.sweep.storage import open_storage
-
-    storage = open_storage(url)
-    study = optuna.load_study(study_name=name, storage=storage)
-    got = []
-    while (trial := claim(storage, study)) is not None:
-        got.append(trial.number)
-    queue.put(got)
-
-
-def claim_race(url: str, trials: int, workers: int) -> None:
-    """``workers`` processes claim one study's ``trials`` enqueued trials at once: each exactly once."""
-    import multiprocessing as mp
-
-    study = optuna.create_study(storage=open_storage(url), study_name="s/c")
-    for _ in range(trials):
-        study.enqueue_trial({})
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(url, "s/c", queue)) for _ in range(workers)]
-    for p in procs:
-        p.start()
-    claimed = [n for _ in procs for n in queue.get(timeout=120)]
-    for p in procs:
-        p.join(30)
-    assert sorted(claimed) == list(range(trials))
-    assert len(optuna.load_study(study_name="s/c", storage=open_storage(url)).trials) == trials
 
 
 def test_parallel_workers_claim_each_enqueued_trial_exactly_once(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, make_cfg
+from helpers import ROOT, make_cfg
 from mlflow.tracking import MlflowClient
 
 from bnsweep.errors import TrackingError
@@ -110,7 +110,7 @@ def test_cli_bad_value_is_one_clear_line() -> None:
 def test_cli_trains_and_prints_the_answer(tmp_path, data_root: str) -> None:
     out = cli(*QUICK, "trainer.max_epochs=1", f"data.root={data_root}", f"tracking.store_dir={tmp_path}")
     assert out.returncode == 0, out.stderr
-    assert "epoch 1/1" in out.stderr and "test_acc" in out.stderr and "make ui" in out.stderr
+    assert "epoch 1/1" in out.stderr and "test_acc" in out.stderr and "bnsweep ui" in out.stderr
     assert (tmp_path / "mlflow.db").exists()
     assert not (ROOT / "outputs").exists() and not (ROOT / ".hydra").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -47,13 +47,13 @@ def _worker(args: Sequence[str]) -> None:
 def _ui(args: Sequence[str]) -> None:
     from bnsweep.tracking.server import main
 
-    main(["start", *args])
+    main(list(args), action="start")
 
 
 def _down(args: Sequence[str]) -> None:
     from bnsweep.tracking.server import main
 
-    main(["stop", *args])
+    main(list(args), action="stop")
 
 
 def _bench(args: Sequence[str]) -> None:

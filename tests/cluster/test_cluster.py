@@ -6,8 +6,6 @@ stops them; without those services (a plain `make test`) every test here is skip
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 import uuid
@@ -16,37 +14,18 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import sweep_cli
+from helpers import PG, RunIf, claim_race, postgres_up, sweep_cli  # claim_race: the journal test's race, on PostgreSQL
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from test_sweep import claim_race  # the same race, on PostgreSQL
 
 from bnsweep.sweep.slots import live, retried
 from bnsweep.sweep.storage import open_storage, sweep_studies
 from bnsweep.tracking.server import MlflowServer
 
 pytestmark = pytest.mark.cluster
-PG = os.environ.get("BNSWEEP_TEST_PG", "postgresql://postgres@127.0.0.1:54329/ci")
-
-
-def _pg_up() -> bool:
-    try:
-        import psycopg
-
-        psycopg.connect(PG, connect_timeout=3).close()
-        return True
-    except Exception:
-        return False
-
-
-def _slurm_up() -> bool:
-    return bool(shutil.which("sinfo") and os.environ.get("SLURM_CONF")) and subprocess.run(
-        ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
-
-
-needs_pg = pytest.mark.skipif(not _pg_up(), reason=f"no PostgreSQL at {PG} (make test-cluster starts one)")
-needs_slurm = pytest.mark.skipif(not _slurm_up(), reason="no SLURM cluster (make test-cluster starts one)")
+needs_pg = RunIf(postgres=True)  # PG: BNSWEEP_TEST_PG, the server make test-cluster starts
+needs_cluster = RunIf(slurm=True, postgres=True)  # one skip line naming whichever is missing
 
 
 def new_database() -> str:
@@ -62,7 +41,7 @@ def new_database() -> str:
 @pytest.fixture(scope="module")
 def pg_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` whose backend store is PostgreSQL (shared use), on 127.0.0.1."""
-    if not _pg_up():
+    if not postgres_up():
         pytest.skip(f"no PostgreSQL at {PG}")
     server = MlflowServer(tmp_path_factory.mktemp("mlruns_pg"), backend_store=new_database())
     yield server.start()
@@ -98,8 +77,7 @@ def assert_exact(storage: str, uri: str, name: str) -> list[optuna.Study]:
     return studies
 
 
-@needs_slurm
-@needs_pg
+@needs_cluster
 def test_slurm_array_of_two_workers_exact_counts(pg_mlflow: str, tmp_path: Path) -> None:
     storage = new_database()
     out = sweep_cli(*slurm_args("c_array", storage, pg_mlflow, tmp_path))
@@ -111,8 +89,7 @@ def test_slurm_array_of_two_workers_exact_counts(pg_mlflow: str, tmp_path: Path)
     assert "| placement=none |" in out.stdout
 
 
-@needs_slurm
-@needs_pg
+@needs_cluster
 def test_cancelled_worker_trial_is_retried_and_sweep_completes(pg_mlflow: str, tmp_path: Path) -> None:
     """Detach, scancel one worker mid-trial, re-attach: Optuna's heartbeat retries the trial."""
     storage = new_database()

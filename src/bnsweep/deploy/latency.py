@@ -20,7 +20,6 @@ from bnsweep.config import instantiate
 from bnsweep.deploy.fold import fold_bn
 
 NAMES = ("nobn", "bn", "folded")
-LABELS = {"nobn": "no BN", "bn": "BN (eval)", "folded": "BN folded"}
 
 
 def three_models(model: nn.Module, model_cfg: Mapping[str, Any], in_shape: Sequence[int],

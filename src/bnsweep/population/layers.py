@@ -212,7 +212,7 @@ class StackedNet(nn.Module):
         return state
 
 
-# How precise BN (inference.py) steps through a population: (tensor, layout) states, stacked BN layers;
+# How precise BN (training/bn_eval.py) steps through a population: (tensor, layout) states, stacked BN layers;
 # an input BN's input is the same for every member, so it is measured once for all.
 WALK = Walk(layers=lambda net: list(net.layers), start=lambda x: (x, "shared"), step=lambda layer, s: layer(*s),
             channels=lambda bn, s: s[0] if s[1] == "shared" else bn.channels(*s),

@@ -141,21 +141,13 @@ def eval_chunk(chunk: int, k: int) -> int:
     return max(64, chunk // k)
 
 
-@torch.no_grad()
 def evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list[tuple[float, float]]:
-    """(mean loss, accuracy) per member in eval mode (BN running statistics), ``chunk`` inputs per call."""
+    """(mean loss, accuracy) per member in eval mode (BN running statistics), ``chunk`` inputs per call.
+
+    The single run's evaluation (``bn_eval.evaluate``), on the stacked logits: a row of sums per member.
+    """
     chunk = eval_chunk(chunk, net.k)
-    was_training = net.training
-    net.eval()
-    sums = torch.zeros(net.k, 2, device=x.device)
-    for start in range(0, len(x), chunk):
-        logits = net(x[start : start + chunk])
-        k, b, c = logits.shape
-        target = y[start : start + chunk]
-        loss = F.cross_entropy(logits.reshape(k * b, c), target.repeat(k), reduction="none").view(k, b).sum(1)
-        sums += torch.stack([loss, (logits.argmax(2) == target).sum(1).to(loss.dtype)], 1)
-    net.train(was_training)
-    return [(loss / len(x), correct / len(x)) for loss, correct in sums.tolist()]  # as a single run: / n on the host
+    return bn_eval.evaluate(net, zip(x.split(chunk), y.split(chunk), strict=True))
 
 
 class Population:

@@ -27,6 +27,7 @@ from bnsweep.errors import ConfigError, run_app
 from bnsweep.report import figures
 from bnsweep.report.results import LR, METRICS, CellResult, Layout, collect_cell, comparisons, fetch_mlflow
 from bnsweep.report.sentences import compose
+from bnsweep.sweep import files
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 from bnsweep.tracking.runs import get_or_create_experiment, summary_run
 from bnsweep.tracking.server import connect
@@ -87,7 +88,7 @@ def make_report(cfg: DictConfig) -> Path:
     url = cfg.storage or default_storage(Path(cfg.tracking.store_dir).resolve(), name)
     studies = sorted(sweep_studies(open_storage(url), name), key=lambda s: s.user_attrs.get("order", 0))
     if not studies:
-        raise ConfigError(f"sweep={name!r} has no results in {url}; run it first (make sweep SWEEP={name})")
+        raise ConfigError(f"sweep={name!r} has no results in {url}; run it first (bnsweep sweep sweep={name})")
     attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
     attrs["description"] = cfg.sweep.get("description", "")
     dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
@@ -112,6 +113,8 @@ def make_report(cfg: DictConfig) -> Path:
     return out
 
 
+@files.finding_files
 @hydra.main(config_path=CONF_DIR, config_name="report", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """``bnsweep report``."""
     run_app(make_report, cfg)

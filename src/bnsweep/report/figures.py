@@ -20,9 +20,10 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from bnsweep.report.results import CellResult, Comparison, Layout  # noqa: E402
-from bnsweep.report.stats import Interval, mean_ci  # noqa: E402
+from bnsweep.report.stats import format_interval, mean_ci  # noqa: E402
 
 DPI = 100
+DECADES = "{est} dec. (bracket {low}-{high})"  # an LR basin in a panel title
 COLORS = plt.get_cmap("tab10").colors
 
 
@@ -98,7 +99,8 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
         if all(math.isfinite(x) and x > 0 for x in search_range):
             ax.set_xlim(search_range[0] / 1.3, search_range[1] * 1.3)
         ax.set_ylim(0, 1.02)
-        ax.set_title(f"{c.labels[layout.row]} | {layout.group(c)}\nbasin {_decades(c.basin)}", fontsize=9)
+        basin = format_interval(c.basin, template=DECADES)
+        ax.set_title(f"{c.labels[layout.row]} | {layout.group(c)}\nbasin {basin}", fontsize=9)
     for ax in axes[-1]:
         ax.set_xlabel("learning rate")
     for ax in axes[:, 0]:
@@ -109,12 +111,6 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
     handles.append(Patch(color="tab:green", alpha=0.15, label="LR basin"))
     fig.legend(handles=handles, loc="outside upper right", fontsize=8, ncol=len(handles))
     return _save(fig, path, dpi)
-
-
-def _decades(iv: Interval) -> str:
-    if math.isnan(iv.estimate):
-        return "-"
-    return f"{iv.estimate:.2f} dec. (bracket {iv.low:.2f}-{iv.high:.2f})"
 
 
 # ---------------------------------------------------------------------- the best LR, repeated

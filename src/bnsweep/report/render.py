@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bnsweep.sweep.table import markdown_table
+
 CSS = """
 body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1180px; margin: 2em auto;
        padding: 0 1em; color: #1d1d1f; }
@@ -64,11 +66,7 @@ class Document:
             elif kind == "ul":
                 out += [f"- {item}" for item in data] + [""]
             elif kind == "table":
-                headers, rows, k = data
-                out.append("| " + " | ".join(headers) + " |")
-                out.append("|" + "|".join("---:" if i >= k else "---" for i in range(len(headers))) + "|")
-                out += ["| " + " | ".join(r) + " |" for r in rows]
-                out.append("")
+                out += [markdown_table(*data), ""]
             elif kind == "fig":
                 path, caption = data
                 out += [f"![{path.stem}]({path.name})", "", f"*{caption}*", ""]

@@ -21,7 +21,8 @@ from optuna.trial import FrozenTrial
 
 from bnsweep.report.stats import Interval, basin_bracket, bracket_diff, paired_diff
 from bnsweep.sweep import table
-from bnsweep.sweep.definition import _label
+from bnsweep.sweep.basin import basin_points
+from bnsweep.sweep.definition import cell_labels, short_keys
 from bnsweep.sweep.slots import best_trial, is_repeat
 from bnsweep.training.diagnostics import ARTIFACT as DIAGNOSTICS
 from bnsweep.training.diagnostics import read_csv
@@ -78,24 +79,14 @@ class CellResult:
         return self.best.value(key) if self.best else math.nan
 
 
-def _short_keys(keys: Sequence[str]) -> dict[str, str]:
-    """The grid keys as cell names spell them (sweepdef.SweepSpec.cells)."""
-    short = {k: k.rsplit(".", 1)[-1] for k in keys}
-    return short if len(set(short.values())) == len(keys) else {k: k for k in keys}
-
-
 def collect_cell(study: optuna.Study, search_range: tuple[float, float], target: float) -> CellResult:
     trials = study.get_trials(deepcopy=False)
-    grid = study.user_attrs.get("grid") or {}
-    short = _short_keys(list(grid))
-    labels = {short[k]: _label(v) for k, v in grid.items()} or {"cell": study.user_attrs.get("cell", "all")}
+    labels = cell_labels(study.user_attrs.get("grid") or {}) or {"cell": study.user_attrs.get("cell", "all")}
     search = [TrialResult.of(t) for t in trials if not is_repeat(t)]
     repeats = [TrialResult.of(t) for t in trials if is_repeat(t) and t.state.is_finished() and t.user_attrs.get(
         "metrics")]
     best = best_trial(trials)
-    measured = [t for t in search if t.state in ("complete", "pruned", "diverged") and t.metrics and t.lr > 0]
-    basin = basin_bracket([t.lr for t in measured], [t.metrics.get("best_val_acc", 0.0) for t in measured],
-                          target, *search_range)
+    basin = basin_bracket(*basin_points(t for t in trials if not is_repeat(t)), target, *search_range)
     return CellResult(study.user_attrs.get("cell", study.study_name), labels, table.cell_row(study, target),
                       search, repeats, next((t for t in search if best and t.number == best.number), None), basin,
                       waiting=sum(not t.state.is_finished() for t in trials))
@@ -152,7 +143,7 @@ class Layout:
     def of(cls, cells: Sequence[CellResult], grid_keys: Sequence[str]) -> Layout:
         keys = list(cells[0].labels)
         values = {k: list(dict.fromkeys(c.labels[k] for c in cells)) for k in keys}
-        short = _short_keys(list(grid_keys))
+        short = short_keys(list(grid_keys))
         bn = [short[k] for k in grid_keys if k == "model.bn" or k.startswith("model.bn.")]
         row = bn[0] if bn else keys[0]
         others = [k for k in keys if k != row]

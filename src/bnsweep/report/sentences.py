@@ -13,19 +13,10 @@ from typing import Any
 
 from bnsweep.report.render import Document
 from bnsweep.report.results import LR, METRICS, CellResult, Comparison, Layout
-from bnsweep.report.stats import Interval, mean_ci
+from bnsweep.report.stats import Interval, format_interval, mean_ci
 from bnsweep.sweep import table
 
 # ---------------------------------------------------------------------- sentences
-
-
-def fmt_interval(iv: Interval, fmt: str) -> str:
-    if math.isnan(iv.estimate):
-        return "-"
-    if math.isnan(iv.low):
-        return f"{fmt.format(iv.estimate)} (n={iv.n}, no interval)"
-    what = "bracket" if iv.kind == "bracket" else f"95% CI, n={iv.n}"
-    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}] ({what})"
 
 
 def verdict(key: str, iv: Interval, a: str, b: str, target: float) -> str:
@@ -56,7 +47,8 @@ def sentences(comp: Comparison, target: float, keys: Sequence[str]) -> list[str]
             say = verdict(key, iv, comp.a_label, comp.b_label, target)
             if key in ("epochs_to_converge", "time_to_target") and never and iv.n:
                 say = f"not resolved (no repeat of either cell reached {target:g} within the budget)"
-            out.append(f"{label}: {fmt_interval(iv, fmt)} → **{say}**")
+            text = format_interval(iv, fmt, "{est} [{low}, {high}] ({what})", "{est} (n={n}, no interval)")
+            out.append(f"{label}: {text} → **{say}**")
     e, t = comp.deltas["epochs_to_converge"].sign, comp.deltas["time_to_target"].sign
     if e < 0 and t >= 0:
         out.append(f"*{comp.a_label} is faster in epochs, not in time* (seed 001's observation)")
@@ -68,14 +60,6 @@ def sentences(comp: Comparison, target: float, keys: Sequence[str]) -> list[str]
 
 def _num(v: float, fmt: str = "{:.4f}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
-
-
-def _ci_cell(iv: Interval, fmt: str) -> str:
-    if math.isnan(iv.estimate):
-        return "-"
-    if math.isnan(iv.low):
-        return fmt.format(iv.estimate)
-    return f"{fmt.format(iv.estimate)} [{fmt.format(iv.low)}, {fmt.format(iv.high)}]"
 
 
 def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layout: Layout,
@@ -123,15 +107,15 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
     rows = []
     for c in cells:
         def ci(key: str, fmt: str, c: CellResult = c) -> str:
-            return _ci_cell(mean_ci(list(c.repeat_values(key).values())), fmt)
+            return format_interval(mean_ci(list(c.repeat_values(key).values())), fmt)
         rows.append([c.name, _num(c.row["best_lr"], "{:.3g}"), str(len(c.repeats)), ci("best_val_acc", "{:.4f}"),
                      ci("test_acc", "{:.4f}"), ci("epochs_to_converge", "{:.2f}"), ci("s_per_epoch", "{:.3f}"),
-                     ci("time_to_target", "{:.1f}"), _basin_cell(c.basin)])
+                     ci("time_to_target", "{:.1f}"), format_interval(c.basin)])
     doc.table(["cell", "best lr", "n", "val acc", "test acc", "epochs to target", "s/epoch", "time to target (s)",
                "LR basin (decades) [bracket]"], rows)
 
     doc.heading("All differences")
-    diff_rows = [[f"{c.group}: {c.a_label} − {c.b_label}", *[_ci_cell(c.deltas[k], fmt)
+    diff_rows = [[f"{c.group}: {c.a_label} − {c.b_label}", *[format_interval(c.deltas[k], fmt)
                                                           for k, _, fmt in METRICS]]
                  for c in [*vs_base, *between]]
     if diff_rows:
@@ -163,8 +147,7 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         doc.para(f"*{note}*")
 
     doc.heading("LR search per cell")
-    table_rows = [[table._cell(r[k], k) for k in table.COLUMNS] for r in (c.row for c in cells)]
-    doc.table([table.HEADERS[k] for k in table.COLUMNS], table_rows)
+    doc.table(*table.formatted(c.row for c in cells))
 
     doc.heading("How these numbers are made")
     doc.bullets([
@@ -180,9 +163,3 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         "seconds are comparable within one sweep only).",
     ])
     return doc
-
-
-def _basin_cell(iv: Interval) -> str:
-    if math.isnan(iv.estimate):
-        return "-"
-    return f"{iv.estimate:.2f} [{iv.low:.2f}, {iv.high:.2f}]"

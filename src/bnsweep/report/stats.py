@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from scipy import stats as _scipy_stats
 
-from bnsweep.training.convergence import lr_basin_decades
+from bnsweep.sweep.basin import lr_basin_decades, reached
 
 LEVEL = 0.95
 
@@ -36,6 +36,22 @@ class Interval:
         if self.high < 0:
             return -1
         return 0
+
+
+def format_interval(iv: Interval, fmt: str = "{:.2f}", template: str = "{est} [{low}, {high}]",
+                    alone: str = "{est}") -> str:
+    """``iv`` as text: '-' without an estimate, ``alone`` without an interval (NaN low), else ``template``.
+
+    The templates' fields: ``est``, ``low``, ``high`` (each written with ``fmt``), ``n`` and ``what``
+    ("bracket", or "95% CI, n=<n>"). (A basin bracket always has both ends where it has an estimate.)
+    """
+    if math.isnan(iv.estimate):
+        return "-"
+    fields = {"est": fmt.format(iv.estimate), "n": iv.n,
+              "what": "bracket" if iv.kind == "bracket" else f"95% CI, n={iv.n}"}
+    if math.isnan(iv.low):
+        return alone.format(**fields)
+    return template.format(low=fmt.format(iv.low), high=fmt.format(iv.high), **fields)
 
 
 def t_quantile(n: int, level: float = LEVEL) -> float:
@@ -69,7 +85,7 @@ def basin_bracket(lrs: Sequence[float], accs: Sequence[float], target: float, lo
     The basin is measured once per cell (by its LR search), so its uncertainty is the grid's
     resolution: each edge lies between the last LR that reached ``target`` and the next one tried
     (or the searched range's end, ``low``/``high``). With no LR reaching it, the width is 0 up to the
-    widest gap between tried LRs. Estimate: ``metrics.lr_basin_decades`` (0 instead of NaN).
+    widest gap between tried LRs. Estimate: ``sweep.basin.lr_basin_decades`` (0 instead of NaN).
     """
     tried = sorted(lr for lr in lrs if lr > 0)
     est = lr_basin_decades(lrs, accs, target)
@@ -79,7 +95,7 @@ def basin_bracket(lrs: Sequence[float], accs: Sequence[float], target: float, lo
         edges = [low, *tried, high]
         gap = max(math.log10(b / a) for a, b in zip(edges, edges[1:], strict=False))
         return Interval(0.0, 0.0, gap, len(tried), "bracket")
-    ok = [lr for lr, acc in zip(lrs, accs, strict=True) if acc >= target and lr > 0]
+    ok = reached(lrs, accs, target)
     lo_ok, hi_ok = min(ok), max(ok)
     left = max((lr for lr in tried if lr < lo_ok), default=low)
     right = min((lr for lr in tried if lr > hi_ok), default=high)

@@ -46,11 +46,24 @@ def _fmt(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _label(value: Any) -> str:
+def label(value: Any) -> str:
     """A grid value's name in cell names; a mapping value may carry its own ``_name``."""
     if isinstance(value, Mapping):
         return str(value.get("_name") or "+".join(f"{k}:{_fmt(v)}" for k, v in value.items()))
     return _fmt(value)
+
+
+def short_keys(keys: Sequence[str]) -> dict[str, str]:
+    """Grid key -> its name in cell names: the last part (``model.bn.placement`` -> ``placement``), or the
+    whole key for every key when two last parts are the same."""
+    short = {k: k.rsplit(".", 1)[-1] for k in keys}
+    return short if len(set(short.values())) == len(keys) else {k: k for k in keys}
+
+
+def cell_labels(values: Mapping[str, Any]) -> dict[str, str]:
+    """A cell's grid values (key -> value) as its name spells them: short key -> value label, in grid order."""
+    short = short_keys(list(values))
+    return {short[k]: label(v) for k, v in values.items()}
 
 
 def _overrides(key: str, value: Any) -> list[str]:
@@ -106,19 +119,16 @@ class SweepSpec:
     target_acc: float = 0.9
     description: str = ""
     repeats: int = 0  # extra seeds at the cell's best LR, once its LR search is done (slots n_trials..)
-    population: int = 1  # trials of a cell trained together as one stacked network (population.py)
+    population: int = 1  # trials of a cell trained together as one stacked network (population/loop.py)
 
     # ------------------------------------------------------------------ cells
 
     def cells(self) -> list[Cell]:
         keys = list(self.grid)
-        short = {k: k.rsplit(".", 1)[-1] for k in keys}
-        if len(set(short.values())) < len(keys):
-            short = {k: k for k in keys}
         cells = []
         for combo in itertools.product(*(self.grid[k] for k in keys)):
             values = dict(zip(keys, combo, strict=True))
-            name = ",".join(f"{short[k]}={_label(v)}" for k, v in values.items()) or "all"
+            name = ",".join(f"{k}={v}" for k, v in cell_labels(values).items()) or "all"
             # Trials test with running averages and population statistics (precise BN); the small-batch
             # evaluations are for single runs unless the sweep's base asks for them.
             overrides = ["train.eval_batch_sizes=[]", *self.base, f"trainer.max_epochs={self.epochs}",

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import CONF_DIR, worker_count
 from bnsweep.errors import ConfigError, run_app
-from bnsweep.sweep import table
+from bnsweep.sweep import files, table
 from bnsweep.sweep.definition import SweepSpec, parse
 from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.slots import counts, recover_study
@@ -126,7 +126,7 @@ class Sweep:
     # ------------------------------------------------------------------ workers
 
     def worker_args(self) -> list[str]:
-        """Arguments of ``python -m bnsweep.worker``: the same worker on this machine or a cluster."""
+        """Arguments of ``bnsweep worker``: the same worker on this machine or a cluster."""
         return ["--storage", self.storage_url, "--sweep", self.spec.name, "--tracking-uri", self.uri,
                 "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s)]
 
@@ -298,8 +298,10 @@ def run(cfg: DictConfig) -> list[dict]:
     return rows
 
 
+@files.finding_files
 @hydra.main(config_path=CONF_DIR, config_name="run_sweep", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """``bnsweep sweep``."""
     run_app(run, cfg)
 
 

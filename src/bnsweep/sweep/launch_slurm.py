@@ -167,4 +167,4 @@ class SlurmLauncher:
 def reattach_hint(argv: list[str] | None = None) -> str:
     """The command that follows a detached sweep: the same one, with ``action=status``."""
     args = [a for a in (argv or sys.argv[1:]) if not a.startswith(("action=", "launcher.wait="))]
-    return f"python -m bnsweep sweep {shlex.join(args)} action=status"
+    return f"bnsweep sweep {shlex.join(args)} action=status"

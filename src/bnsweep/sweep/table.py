@@ -6,16 +6,15 @@ import csv
 import io
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from bnsweep.sweep.basin import LR_KEY, basin_points, lr_basin_decades, measured
 from bnsweep.sweep.slots import best_trial, counts, is_repeat
-from bnsweep.training.convergence import lr_basin_decades
 
-LR_KEY = "optimizer.lr"
 COLUMNS = ["cell", "best_lr", "best_val_acc", "test_acc", "epochs_to_converge", "median_epochs_to_converge",
            "precise_bn_gain", "s_per_epoch", "lr_basin_decades", "complete", "pruned", "diverged", "failed", "running"]
 
@@ -23,12 +22,11 @@ COLUMNS = ["cell", "best_lr", "best_val_acc", "test_acc", "epochs_to_converge", 
 def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:
     """Summarize one cell's LR search (complete trials for 'best'; pruned ones count for the basin).
 
-    Repeats (extra seeds at the best LR, see studies.top_up) only count in 'left'; the report uses them.
+    Repeats (extra seeds at the best LR, see slots.top_up) only count in 'left'; the report uses them.
     """
     every = study.get_trials(deepcopy=False)
     trials = [t for t in every if not is_repeat(t)]
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    measured = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "metrics" in t.user_attrs]
     c, left = counts(study, trials), counts(study, every)
     row: dict[str, Any] = {"cell": study.user_attrs.get("cell", study.study_name),
                            "complete": c["complete"], "pruned": c["pruned"], "diverged": c["diverged"],
@@ -41,16 +39,14 @@ def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:
                 "epochs_to_converge": m.get("epochs_to_converge", math.nan),
                 "median_epochs_to_converge": statistics.median(
                     t.user_attrs["metrics"]["epochs_to_converge"] for t in done if "metrics" in t.user_attrs)}
-    spe = [t.user_attrs["metrics"]["s_per_epoch"] for t in measured if "s_per_epoch" in t.user_attrs["metrics"]]
+    spe = [t.user_attrs["metrics"]["s_per_epoch"] for t in measured(trials) if "s_per_epoch" in t.user_attrs["metrics"]]
     row["s_per_epoch"] = statistics.median(spe) if spe else math.nan
-    with_lr = [t for t in measured if LR_KEY in t.params]
-    row["lr_basin_decades"] = lr_basin_decades([t.params[LR_KEY] for t in with_lr],
-                                               [t.user_attrs["metrics"].get("best_val_acc", 0.0) for t in with_lr],
-                                               target_acc)
+    row["lr_basin_decades"] = lr_basin_decades(*basin_points(trials), target_acc)
     return {k: row.get(k, math.nan) for k in COLUMNS}
 
 
-def _cell(v: Any, key: str) -> str:
+def format_cell(v: Any, key: str) -> str:
+    """A table value as the Markdown table and the report show it: '-' for NaN, a format per column."""
     if isinstance(v, float):
         if math.isnan(v):
             return "-"
@@ -71,15 +67,24 @@ HEADERS = {"cell": "cell", "best_lr": "best lr", "best_val_acc": "val acc", "tes
            "pruned": "pruned", "diverged": "diverged", "failed": "failed", "running": "left"}
 
 
+def formatted(rows: Iterable[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The table's headers and its rows (``cell_row`` dicts) as text, column by column (``format_cell``)."""
+    return [HEADERS[c] for c in COLUMNS], [[format_cell(r[c], c) for c in COLUMNS] for r in rows]
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int = 1) -> str:
+    """A Markdown table (no trailing newline); columns from ``numeric_from`` on are right-aligned."""
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "|".join("---:" if i >= numeric_from else "---" for i in range(len(headers))) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def to_markdown(rows: Sequence[dict[str, Any]], target_acc: float) -> str:
-    head = "| " + " | ".join(HEADERS[c] for c in COLUMNS) + " |"
-    sep = "|" + "|".join("---" if c == "cell" else "---:" for c in COLUMNS) + "|"
-    body = ["| " + " | ".join(_cell(r[c], c) for c in COLUMNS) + " |" for r in rows]
     note = (f"\nepochs to target: first epoch with val acc >= {target_acc:g} at the best LR (budget + 1 = "
             "never); LR basin: decades of LR that reached the target; '-': no trial got there; precise BN - running: "
             "test acc with population statistics recomputed on the training set minus test acc with BN's "
             "running averages, at the best LR.")
-    return "\n".join([head, sep, *body]) + "\n" + note + "\n"
+    return markdown_table(*formatted(rows)) + "\n" + note + "\n"
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:

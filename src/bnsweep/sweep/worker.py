@@ -175,7 +175,7 @@ class Worker:
         self.record(study, trial, result)
 
     def run_members(self, study: optuna.Study, members: list[tuple[optuna.Trial, DictConfig]]) -> None:
-        """Several trials of one cell as one population (see population.py); each ends as its own trial."""
+        """Several trials of one cell as one population (see population/loop.py); each ends as its own trial."""
         before = len(self.trackers)
         trials, cfgs = [t for t, _ in members], [c for _, c in members]
         try:

@@ -60,6 +60,9 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 @functools.cache
 def git_commit() -> str:
+    """The commit of the checkout this code runs from; "unknown" for an installed package."""
+    if not (PROJECT_ROOT / ".git").exists():
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
                              text=True, timeout=5)

@@ -1,6 +1,6 @@
 """A local ``mlflow server`` over ``<store_dir>/mlflow.db``, bound to 127.0.0.1 by default.
 
-Used by ``make ui``, by sweeps (one server shared by every worker) and by the tests. It runs in
+Used by ``bnsweep ui``, by sweeps (one server shared by every worker) and by the tests. It runs in
 its own process group so that ``stop`` ends the server and all its web workers. For shared use
 (cluster sweeps) the backend store can be PostgreSQL, the host another interface, and ``auth``
 turns on MLflow's basic-auth app with the credentials of MLFLOW_TRACKING_USERNAME/PASSWORD.
@@ -55,7 +55,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = str(getattr(e, "reason", e))
     raise TrackingError(
-        f"MLflow tracking server {uri} is not reachable ({reason}); start it (make ui) or "
+        f"MLflow tracking server {uri} is not reachable ({reason}); start it (bnsweep ui) or "
         "unset MLFLOW_TRACKING_URI / tracking.uri to log to mlruns/mlflow.db"
     )
 
@@ -180,11 +180,14 @@ class MlflowServer:
         return True
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, action: str | None = None) -> None:
+    """``bnsweep ui`` (action start) and ``bnsweep down`` (stop); ``python -m bnsweep.server ACTION`` names it."""
     import argparse
 
-    ap = argparse.ArgumentParser(description="The local MLflow server over mlruns/ (the dashboard).")
-    ap.add_argument("action", choices=["start", "stop", "status"])
+    ap = argparse.ArgumentParser(prog=f"bnsweep {'down' if action == 'stop' else 'ui'}" if action else None,
+                                 description="The local MLflow server over mlruns/ (the dashboard).")
+    if action is None:
+        ap.add_argument("action", choices=["start", "stop", "status"])
     ap.add_argument("--store-dir", default=STORE_DIR, help=f"sqlite store and artifacts (default: {STORE_DIR})")
     ap.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     ap.add_argument("--port", type=int, default=None, help="default: 5000, or a free port if taken")
@@ -192,21 +195,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--auth", action="store_true", help="basic auth; credentials from MLFLOW_TRACKING_USERNAME"
                     "/PASSWORD")
     args = ap.parse_args(argv)
+    action = action or args.action
     server = MlflowServer(args.store_dir, host=args.host, port=args.port, backend_store=args.backend_store,
                           auth=args.auth)
-    if args.action == "stop":
+    if action == "stop":
         print("MLflow server stopped" if server.stop() else "no MLflow server was running over "
               f"{server.store}")
         return
     uri = server.running_uri()
-    if args.action == "status":
+    if action == "status":
         print(f"MLflow server running at {uri}" if uri else "no MLflow server running")
         return
     if uri is None:
         server.port = args.port or preferred_port(5000, args.host)
         print(f"starting the MLflow server over {server.store} (takes ~20 s) ...", flush=True)
         uri = server.start()
-    print(f"MLflow dashboard: {uri}   (stop it with: make down)")
+    print(f"MLflow dashboard: {uri}   (stop it with: bnsweep down)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +25,11 @@ from torch import nn
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
-def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, BN_TYPES)]
-
-
 @dataclass(frozen=True)
 class Walk:
     """How ``precise_bn`` steps through a network: a flat ``nn.Sequential`` by default.
 
-    stacked.py's populations pass their own: a state of (tensor, layout) and stacked BN layers.
+    population/layers.py's populations pass their own (WALK): a state of (tensor, layout) and stacked BN layers.
     """
 
     layers: Callable[[nn.Module], Sequence[nn.Module]] = lambda model: list(model.children())
@@ -141,17 +137,49 @@ def with_group_stats(model: nn.Module, size: int) -> nn.Module:
     return model
 
 
+def batch_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy, correct predictions and inputs of one batch, on the logits' device (no host sync).
+
+    ``logits`` (B, C) give a (3,) tensor; a population's stacked logits (K, B, C), every member's for
+    the same inputs, give (K, 3): a row per member.
+    """
+    if logits.dim() == 3:
+        k, b, c = logits.shape
+        loss = F.cross_entropy(logits.reshape(k * b, c), target.repeat(k), reduction="none").view(k, b).sum(1)
+    else:
+        loss = F.cross_entropy(logits, target, reduction="sum")
+    correct = (logits.argmax(-1) == target).sum(-1).to(loss.dtype)
+    return torch.stack([loss, correct, torch.full_like(loss, len(target))], -1)
+
+
+def mean_loss_and_accuracy(sums: torch.Tensor) -> list[tuple[float, float]]:
+    """(mean loss, accuracy) per row of summed ``batch_sums``: one host sync, the division on the host."""
+    return [(loss / n, correct / n) for loss, correct, n in sums.view(-1, 3).tolist()]
+
+
 @torch.no_grad()
-def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy in eval mode, ``chunk`` inputs per forward call."""
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             dtype: torch.dtype = torch.float32) -> list[tuple[float, float]]:
+    """(mean cross-entropy, accuracy) in eval mode over ``batches`` of (inputs, labels), the model's mode restored.
+
+    One pair, or one per member for a population (see ``batch_sums``). The sums stay on the device, in
+    ``dtype``, until the end.
+    """
+    was_training = model.training
     model.eval()
-    loss = correct = 0.0
-    for start in range(0, len(x), chunk):
-        logits = model(x[start : start + chunk])
-        target = y[start : start + chunk]
-        loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += float((logits.argmax(1) == target).sum())
-    return loss / len(x), correct / len(x)
+    total = None
+    for x, y in batches:
+        sums = batch_sums(model(x), y)
+        total = sums.to(dtype) if total is None else total.add_(sums)
+    model.train(was_training)
+    if total is None:
+        raise ValueError("nothing to evaluate: no batches")
+    return mean_loss_and_accuracy(total)
+
+
+def loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode, ``chunk`` inputs per forward call (sums in float64)."""
+    return evaluate(model, zip(x.split(chunk), y.split(chunk), strict=True), torch.float64)[0]
 
 
 def eval_modes(model: nn.Module, train_x: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnsweep.training.convergence import epochs_to_converge
+from bnsweep.training.bn_eval import batch_sums, evaluate, mean_loss_and_accuracy
 
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s")
 Chunk = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -29,10 +28,9 @@ class ClassifierModule(pl.LightningModule):
     """
 
     def __init__(self, model: nn.Module, optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer],
-                 target_acc: float = 0.9, max_loss: float = 1e3) -> None:
+                 max_loss: float = 1e3) -> None:
         super().__init__()
-        self.model, self.make_optimizer = model, optimizer
-        self.target_acc, self.max_loss = target_acc, max_loss
+        self.model, self.make_optimizer, self.max_loss = model, optimizer, max_loss
         self.automatic_optimization = False
         self.history: list[dict[str, float]] = []
         self._sums: dict[str, torch.Tensor] = {}
@@ -71,22 +69,16 @@ class ClassifierModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _eval_chunk(self, chunk: Chunk, split: str) -> None:
-        sums = self._sums.setdefault(split, torch.zeros(3, device=self.device))
-        for x, y in chunk:
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, reduction="sum")
-            sums += torch.stack([loss, (logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
-
     def _pop(self, split: str) -> tuple[float, float]:
         sums = self._sums.pop(split)
         if split == "train" and self._trainer is not None and self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")  # each rank trained on its shard
-        loss_sum, correct, n = sums.tolist()
-        return loss_sum / n, correct / n
+        return mean_loss_and_accuracy(sums)[0]
 
     def validation_step(self, chunk: Chunk, chunk_idx: int) -> None:
-        self._eval_chunk(chunk, "val")
+        sums = self._sums.setdefault("val", torch.zeros(3, device=self.device))
+        for x, y in chunk:
+            sums += batch_sums(self.model(x), y)
 
     def on_validation_epoch_end(self) -> None:
         val_loss, val_acc = self._pop("val")
@@ -100,25 +92,6 @@ class ClassifierModule(pl.LightningModule):
             "epoch_time_s": time.perf_counter() - self._epoch_start,
         })
 
-    @torch.no_grad()
     def evaluate(self, chunks: Iterable[Chunk]) -> tuple[float, float]:
         """Mean loss and accuracy in eval mode (BN running statistics): one pass, no Lightning loop."""
-        was_training = self.model.training
-        self.model.eval()
-        for chunk in chunks:
-            self._eval_chunk(chunk, "eval")
-        self.model.train(was_training)
-        return self._pop("eval")
-
-    # ------------------------------------------------------------------ summary
-
-    def summary_metrics(self, budget: int) -> dict[str, float]:
-        return summary_metrics(self.history, self.target_acc, budget)
-
-
-def summary_metrics(history: list[dict[str, float]], target_acc: float, budget: int) -> dict[str, float]:
-    """best_val_acc, epochs_to_converge and converged from a run's history (see metrics.py)."""
-    val = [row["val_acc"] for row in history]
-    epochs, converged = epochs_to_converge(val, target_acc, budget)
-    return {"best_val_acc": max(val, default=0.0), "epochs_to_converge": epochs,
-            "converged": converged, "epochs_run": len(val)}
+        return evaluate(self.model, (batch for chunk in chunks for batch in chunk))[0]

@@ -1,9 +1,8 @@
-"""Run-level summaries computed from the per-epoch history; shared by training, sweeps and reports."""
+"""A run's convergence, computed from its per-epoch history: epochs to the target accuracy, best val acc."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def epochs_to_converge(val_acc: Sequence[float], target: float, budget: int) -> tuple[int, int]:
@@ -19,13 +18,12 @@ def epochs_to_converge(val_acc: Sequence[float], target: float, budget: int) -> 
     return budget + 1, 0
 
 
-def lr_basin_decades(lrs: Sequence[float], accs: Sequence[float], target: float) -> float:
-    """Width, in decades, of the learning-rate range whose runs reached ``target`` accuracy.
+def convergence_metrics(history: Sequence[Mapping[str, float]], target_acc: float, budget: int) -> dict[str, float]:
+    """best_val_acc, epochs_to_converge, converged and epochs_run of a run, from its per-epoch history.
 
-    log10(largest / smallest) LR among the trials with acc >= target: 0.0 when only one did,
-    NaN when none did. Seed 004 claims BN widens this range.
+    ``budget``: the epochs the run was allowed (the censoring of ``epochs_to_converge``).
     """
-    ok = [lr for lr, acc in zip(lrs, accs, strict=True) if acc >= target and lr > 0]
-    if not ok:
-        return math.nan
-    return math.log10(max(ok) / min(ok))
+    val = [row["val_acc"] for row in history]
+    epochs, converged = epochs_to_converge(val, target_acc, budget)
+    return {"best_val_acc": max(val, default=0.0), "epochs_to_converge": epochs,
+            "converged": converged, "epochs_run": len(val)}

@@ -172,7 +172,7 @@ def param_counts(model: nn.Module) -> dict[str, int]:
     return {"params_trainable": trainable, "params_non_trainable": frozen + stats}
 
 
-def summary(model: nn.Module, in_shape: Sequence[int]) -> str:
+def model_summary(model: nn.Module, in_shape: Sequence[int]) -> str:
     """A Keras-style table: layer, output shape, trainable and non-trainable parameter counts."""
     rows, shapes = [], {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: shapes.__setitem__(n, tuple(o.shape[1:])))

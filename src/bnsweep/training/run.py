@@ -28,10 +28,11 @@ from bnsweep.tracking.runs import EpochLogger, RunTracker, flatten, git_commit, 
 from bnsweep.tracking.server import check_reachable
 from bnsweep.training import bn_eval, checkpoint
 from bnsweep.training.checks import validate
-from bnsweep.training.classifier import ClassifierModule, TrainingDiverged, summary_metrics
+from bnsweep.training.classifier import ClassifierModule, TrainingDiverged
+from bnsweep.training.convergence import convergence_metrics
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.diagnostics import Diagnostics
-from bnsweep.training.models import param_counts, summary
+from bnsweep.training.models import model_summary, param_counts
 
 log = logging.getLogger("bnsweep")
 
@@ -109,13 +110,13 @@ def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, mode
         metrics=param_counts(model),
     )
     tracker.log_files({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
-                       "model_summary.txt": summary(model, dm.in_shape)})
+                       "model_summary.txt": model_summary(model, dm.in_shape)})
 
 
 def final_metrics(cfg: DictConfig, history: list[dict[str, float]], outcome: str, runtime: float,
                   counts: dict[str, int]) -> dict[str, float]:
-    """What every run logs at its end, whatever its outcome (see metrics.py for the censoring)."""
-    final = {**summary_metrics(history, cfg.train.target_acc, int(cfg.trainer.max_epochs)), "runtime_s": runtime,
+    """What every run logs at its end, whatever its outcome (see convergence.py for the censoring)."""
+    final = {**convergence_metrics(history, cfg.train.target_acc, int(cfg.trainer.max_epochs)), "runtime_s": runtime,
              "diverged": float(outcome == "diverged"), **counts}
     if history:
         final["s_per_epoch"] = sum(r["epoch_time_s"] for r in history) / len(history)
@@ -174,8 +175,7 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
 
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
-    module = ClassifierModule(model, instantiate(cfg.optimizer),
-                              target_acc=cfg.train.target_acc, max_loss=cfg.train.max_loss)
+    module = ClassifierModule(model, instantiate(cfg.optimizer), max_loss=cfg.train.max_loss)
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
     # The caller's tags (trial, study) go with create_run, so even a run killed in its first
     # epoch can be found and ended (tracking.runs.mark_killed).
@@ -228,7 +228,7 @@ def main(cfg: DictConfig) -> float:
     print(f"{test}best_val_acc {m['best_val_acc']:.4f}  epochs_to_converge "
           f"{m['epochs_to_converge']} (converged={m['converged']})  runtime {m['runtime_s']:.1f} s"
           f"\nMLflow run {result.run_id} in {resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)}"
-          f" - see it with: make ui", file=sys.stderr)
+          f" - see it with: bnsweep ui", file=sys.stderr)
     return m["best_val_acc"]
 
 
