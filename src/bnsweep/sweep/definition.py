@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from bnsweep.config import compose
 from bnsweep.errors import ConfigError, check_choice, check_range
 from bnsweep.population.checks import check as population_check
+from bnsweep.sweep.basin import LR_KEY
+from bnsweep.sweep.search import BasinSearch, parse_basin
 from bnsweep.training.checks import validate
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -28,7 +30,7 @@ GROUPS = ("data", "model", "optimizer", "trainer", "tracking", "experiment")
 SAMPLERS = ("tpe", "random", "grid", "qmc")
 PRUNERS = ("none", "median", "hyperband")
 SPEC_KEYS = {"name", "description", "base", "grid", "search", "sampler", "pruner", "n_trials", "epochs",
-             "target_acc", "repeats", "population"}
+             "target_acc", "repeats", "population", "basin"}
 
 
 def _flat_keys(node: Any, prefix: str = "") -> list[str]:
@@ -120,6 +122,7 @@ class SweepSpec:
     description: str = ""
     repeats: int = 0  # extra seeds at the cell's best LR, once its LR search is done (slots n_trials..)
     population: int = 1  # trials of a cell trained together as one stacked network (population/loop.py)
+    basin: BasinSearch | None = None  # the bracketing LR search (sweep/search.py) instead of the sampler
 
     # ------------------------------------------------------------------ cells
 
@@ -156,7 +159,7 @@ class SweepSpec:
         return optuna.samplers.RandomSampler(seed=seed)  # random; grid values are enqueued fixed
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
-        name = self.pruner["name"]
+        name = "none" if self.basin else self.pruner["name"]  # a pruned trial is no evidence about an edge
         kw = {k: v for k, v in self.pruner.items() if k != "name"}
         if name == "median":
             return optuna.pruners.MedianPruner(**kw)
@@ -176,6 +179,7 @@ class SweepSpec:
         return {"sweep": self.name, "sampler": self.sampler, "pruner": self.pruner,
                 "n_trials": self.n_trials, "epochs": self.epochs, "target_acc": self.target_acc,
                 "repeats": self.repeats, "population": self.population,
+                **({"basin": self.basin.to_attrs()} if self.basin else {}),
                 "search": {p.key: optuna.distributions.distribution_to_json(p.dist) for p in self.params}}
 
     @classmethod
@@ -184,7 +188,8 @@ class SweepSpec:
         return cls(name=attrs["sweep"], grid={}, params=params, sampler=dict(attrs["sampler"]),
                    pruner=dict(attrs["pruner"]), n_trials=attrs["n_trials"], epochs=attrs["epochs"],
                    target_acc=attrs["target_acc"], repeats=attrs.get("repeats", 0),
-                   population=attrs.get("population", 1))
+                   population=attrs.get("population", 1),
+                   basin=BasinSearch.from_attrs(attrs["basin"]) if attrs.get("basin") else None)
 
 
 # ---------------------------------------------------------------------- parsing
@@ -247,7 +252,13 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
         for v in values:
             for sub in (k for k in (v if isinstance(v, Mapping) else {}) if k != "_name"):
                 check_key("grid", f"{key}.{sub}")
+    basin = parse_basin(raw.get("basin"))
     search = raw.get("search") or {"optimizer.lr": {"low": 1e-4, "high": 1.0, "log": True}}
+    if basin is not None:  # the search's hard limits are the LR's range
+        if set(search) != {LR_KEY}:
+            raise ConfigError(f"sweep.basin is not allowed with sweep.search over {', '.join(sorted(search))}; "
+                              f"the bracketing search searches {LR_KEY} only (drop sweep.basin to use a sampler)")
+        search = {LR_KEY: {"low": basin.low, "high": basin.high, "log": True}}
     params = []
     for key, spec in search.items():
         check_key("search", key)
@@ -265,8 +276,8 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
                      epochs=check_range("sweep.epochs", raw.get("epochs", 3), 1),
                      target_acc=check_range("sweep.target_acc", raw.get("target_acc", 0.9), 0, 1, low_open=True),
                      description=str(raw.get("description", "")),
-                     repeats=check_range("sweep.repeats", raw.get("repeats", 3), 0),
-                     population=_population(raw.get("population"), params))
+                     repeats=check_range("sweep.repeats", raw.get("repeats", 8), 0),
+                     population=_population(raw.get("population"), params), basin=basin)
     try:
         spec.make_sampler()
         spec.make_pruner()

@@ -168,6 +168,7 @@ class Sweep:
                 alive = self.launcher.alive()
                 c = self.totals()
                 finished = c.get("complete", 0) + c.get("pruned", 0) + c.get("diverged", 0) + c.get("fail", 0)
+                finished += c.get("skipped", 0)  # LR slots the bracketing search did not need (sweep/search.py)
                 bar.n = min(finished, total)
                 bar.set_postfix_str(f"running {c.get('running', 0)}, pruned {c.get('pruned', 0)}, "
                                     f"diverged {c.get('diverged', 0)}, failed {c.get('fail', 0)}"

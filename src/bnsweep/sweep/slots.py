@@ -25,7 +25,9 @@ import optuna
 from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from bnsweep.sweep.basin import LR_KEY
 from bnsweep.sweep.definition import SweepSpec
+from bnsweep.sweep.search import SEED_INDEX, SKIPPED, BasinSearch
 from bnsweep.sweep.storage import heartbeat_enabled
 
 HOST = socket.gethostname()
@@ -88,25 +90,60 @@ def top_up(study: optuna.Study, spec: SweepSpec) -> int:
         if slot in retry:  # same parameters as the lost attempt: a retry, not a new sample
             params = retry[slot].params or params
             attrs["retry_of"] = retry[slot].number
+            if SEED_INDEX in retry[slot].user_attrs:  # the bracketing search's seed goes with its point
+                attrs[SEED_INDEX] = retry[slot].user_attrs[SEED_INDEX]
         study.enqueue_trial(params, user_attrs=attrs)
         added += 1
     return added
 
 
+def basin_search(study: optuna.Study) -> BasinSearch | None:
+    """The cell's bracketing LR search (study attribute ``basin``), if it uses one."""
+    attrs = study.user_attrs.get("basin")
+    return BasinSearch.from_attrs(attrs) if attrs else None
+
+
+def _fixed_lr(t: FrozenTrial) -> bool:
+    """A WAITING trial whose LR is already set (a retry of a lost trial keeps its point)."""
+    return LR_KEY in t.params or LR_KEY in (t.system_attrs.get("fixed_params") or {})
+
+
 def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
     """Take one WAITING trial of ``study`` (atomic: two workers never get the same one).
 
-    Repeats wait until the cell's LR search is done.
+    Repeats wait until the cell's LR search is done. Under the bracketing search (``basin_search``) an
+    LR slot gets its point here, so the next claim sees it as pending: it waits while no point is useful
+    until a running one ends, and ends as ``skipped`` (no training, no evidence) once the search is over.
     """
     ready = None
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    basin = basin_search(study)
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if basin is not None:  # a retry first: its point was chosen before any new one
+        waiting.sort(key=lambda t: not _fixed_lr(t))
+    for t in waiting:
+        point = None
         if is_repeat(t):
             if ready is None:
                 ready = search_done(study.get_trials(deepcopy=False), study.user_attrs.get("n_trials", 0))
             if not ready:
                 continue
+        elif basin is not None and not _fixed_lr(t):
+            trials, target = study.get_trials(deepcopy=False), study.user_attrs.get("target_acc", 0.0)
+            point = basin.propose(trials, target)
+            if point is None:
+                if not basin.concluded(trials, target):
+                    break  # a running point decides what comes next (and the repeats wait for the search)
+                _skip(storage, study, t)
+                continue
         try:
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+                fixed = (t.system_attrs.get("fixed_params") or {}).get(LR_KEY)
+                if basin is not None and not is_repeat(t) and (point or fixed):  # visible to the next claim
+                    if point is not None:  # (two workers racing here may both get one point: a wasted trial)
+                        storage.set_trial_user_attr(t._trial_id, SEED_INDEX, point[0])
+                    dist = SweepSpec.from_attrs(study.user_attrs).params[0].dist
+                    lr = point[1] if point is not None else fixed
+                    storage.set_trial_param(t._trial_id, LR_KEY, dist.to_internal_repr(lr), dist)
                 trial = optuna.Trial(study, t._trial_id)
                 now = time.time()
                 trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now, "job": slurm_job()})
@@ -117,6 +154,16 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
     return None
+
+
+def _skip(storage: BaseStorage, study: optuna.Study, t: FrozenTrial) -> None:
+    """Finish an LR slot the concluded search does not need: it holds its slot, but is no evidence."""
+    try:
+        if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+            storage.set_trial_user_attr(t._trial_id, SKIPPED, "the basin search needed no more points")
+            study.tell(t.number, state=TrialState.PRUNED, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
 
 
 def slurm_job() -> str | None:
@@ -147,9 +194,10 @@ def is_lost(t: FrozenTrial, stale_after_s: float, now: float | None = None) -> b
 
 
 def repeats_blocked(study: optuna.Study, stale_after_s: float) -> bool:
-    """Repeats wait for an LR-search trial still running elsewhere: a worker should wait, not exit."""
+    """Repeats (or the bracketing search's next point) wait for an LR-search trial still running elsewhere:
+    a worker should wait, not exit."""
     trials = study.get_trials(deepcopy=False)
-    return any(is_repeat(t) and t.state == TrialState.WAITING for t in trials) and any(
+    return any(t.state == TrialState.WAITING for t in trials) and any(
         not is_repeat(t) and t.state == TrialState.RUNNING and not is_lost(t, stale_after_s) for t in trials)
 
 
@@ -211,6 +259,8 @@ def counts(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Coun
         key = "lost" if not live(t, gone) else t.state.name.lower()
         if t.user_attrs.get("diverged"):
             key = "diverged"
+        elif t.user_attrs.get(SKIPPED):
+            key = "skipped"
         c[key] += 1
     return c
 

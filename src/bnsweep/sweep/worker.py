@@ -34,6 +34,7 @@ from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
 from bnsweep.population.loop import run_population
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.heartbeat import Heartbeat, beating
+from bnsweep.sweep.search import SEED_INDEX, SEED_STRIDE
 from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked
 from bnsweep.sweep.storage import heartbeat_enabled, open_storage, sweep_studies
 from bnsweep.tracking.runs import get_or_create_experiment, mark_killed
@@ -117,6 +118,10 @@ class Worker:
         repeat = trial.user_attrs.get("repeat")
         if repeat and not self.set_repeat(study, trial, spec, cfg):
             return None
+        if not repeat:  # basin seed i trains with seed + SEED_STRIDE * i (sweep/search.py); 0 by default
+            seed = int(cfg.seed) + SEED_STRIDE * int(trial.user_attrs.get(SEED_INDEX, 0))
+            OmegaConf.update(cfg, "seed", seed, merge=False)
+            trial.set_user_attr("seed", seed)
         for p in spec.params if not repeat else ():
             OmegaConf.update(cfg, p.key, p.suggest(trial), merge=False)
         OmegaConf.update(cfg, "tracking.run_name", f"trial {trial.number}", merge=False)
