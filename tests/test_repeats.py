@@ -36,8 +36,8 @@ def finish(study: optuna.Study, storage, value: float) -> optuna.Trial:
     return trial
 
 
-def test_repeats_default_to_three_and_must_be_a_count() -> None:
-    assert parse({k: v for k, v in RAW.items() if k != "repeats"}).repeats == 3
+def test_repeats_default_to_eight_and_must_be_a_count() -> None:
+    assert parse({k: v for k, v in RAW.items() if k != "repeats"}).repeats == 8
     with pytest.raises(ConfigError, match=r"sweep.repeats=-1 is not allowed; it must be a number in \[0, inf\)"):
         parse({**RAW, "repeats": -1})
 

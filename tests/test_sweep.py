@@ -44,6 +44,8 @@ def test_default_sweep_is_what_make_sweep_promises() -> None:
                          "model.activation": ["sigmoid", "relu"]}
     assert spec.n_trials >= 8 and [p.key for p in spec.params] == ["optimizer.lr"]
     assert spec.params[0].dist.log
+    # the bracketing LR search, to 0.25 decade, and 8 paired seeds at each best LR (issue #13)
+    assert spec.basin is not None and spec.basin.resolution <= 0.25 and spec.repeats >= 8
 
 
 def test_placement_x_activation_has_input_only_cells() -> None:
