@@ -200,3 +200,10 @@ def test_a_real_sweep_closes_both_edges_of_every_cell(mlflow_server: str, tmp_pa
         assert all(t.user_attrs["seed"] == 0 and lattice(t.params[LR_KEY]) for t in search)
         repeats = [t for t in trials if is_repeat(t)]
         assert len(repeats) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in repeats)
+
+
+def test_no_basin_ends_with_no_bracket_after_the_start_range_is_refined(tmp_path: Path) -> None:
+    study, storage = make_study(tmp_path / "j.journal")
+    lrs = [lr for b in drive(study, storage, lambda lr, s: "missed") for _, lr in b]
+    assert sorted(lrs) == [BasinSearch().lr(k) for k in range(-12, 5)]  # every 0.25 decade of 1e-3..10, once
+    assert table.cell_bracket(study, TARGET) is None and math.isnan(table.cell_row(study, TARGET)["basin_width"])
