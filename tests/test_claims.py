@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import ROOT, studies_of
+from helpers import studies_of
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
@@ -108,14 +108,15 @@ SMALL = ["only=claims_bn", "workers=2", "sweep.n_trials=2", "sweep.repeats=2", "
          'overrides=["data.limit_train=1000","train.precise_bn=true"]']
 
 
-def claims_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bnsweep", "claims", *args], cwd=ROOT, capture_output=True,
+def claims_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``bnsweep claims`` as a user runs it, from ``cwd`` (the driver writes its summary tables under reports/)."""
+    return subprocess.run([sys.executable, "-m", "bnsweep", "claims", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=900, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
 
 
 def test_claims_command_runs_its_sweep_once_and_tests_the_claims(mlflow_server: str, tmp_path: Path) -> None:
     args = [*SMALL, f"tracking.uri={mlflow_server}", f"tracking.store_dir={tmp_path}", f"out_dir={tmp_path / 'r'}"]
-    first = claims_cli(*args)
+    first = claims_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "r" / "claims" / "claims.csv").open()))
     assert list(rows[0]) == CLAIM_COLUMNS
@@ -149,7 +150,7 @@ def test_claims_command_runs_its_sweep_once_and_tests_the_claims(mlflow_server: 
     assert "## Claims" in (tmp_path / "r" / "claims_bn" / "report.md").read_text()
 
     n_trials = sum(len(s.trials) for s in studies.values())
-    again = claims_cli(*args)  # resumable: nothing is trained again, the same rows come out
+    again = claims_cli(*args, cwd=tmp_path)  # resumable: nothing is trained again, the same rows come out
     assert again.returncode == 0, again.stderr[-3000:]
     assert sum(len(s.trials) for s in studies_of(tmp_path, "claims_bn")) == n_trials
     assert list(csv.DictReader((tmp_path / "r" / "claims" / "claims.csv").open())) == rows

@@ -164,7 +164,9 @@ def section(doc: Document, rows: Sequence[dict[str, Any]]) -> None:
         est = ("-" if not math.isfinite(r["diff"]) else
                f"{_fmt(r['diff'], scale)}{unit} [{_fmt(r['lo'], scale)}, {_fmt(r['hi'], scale)}], n={r['n']}")
         verdict_text = r["verdict"]
-        if verdict_text == "not resolved" and math.isfinite(r["resolvable"]):
+        if verdict_text == "not resolved" and r["resolvable"] == 0:
+            verdict_text += " (the same on every seed)"
+        elif verdict_text == "not resolved" and math.isfinite(r["resolvable"]):
             verdict_text += f" (< ±{abs(r['resolvable']) * scale:.2g}{unit})"
         elif verdict_text == "not resolved" and r["n"]:
             verdict_text += " (an edge is open)" if r["metric"] == "basin" else " (no interval)"

@@ -29,6 +29,8 @@ def resolvable(iv: Interval, fmt: str = "{:.4f}") -> str:
     """The power statement of an unresolved line: the half-width, below which differences stay unseen."""
     if not math.isfinite(iv.half_width):
         return ""
+    if iv.half_width == 0:  # e.g. epochs to target equal on every seed: a measured zero, not a lack of power
+        return f"; the difference is exactly {fmt.format(iv.estimate)} on every one of the {iv.n} seeds"
     by = "with this LR grid" if iv.kind == "bracket" else "with these seeds"
     return f"; differences smaller than ±{fmt.replace('+', '').format(iv.half_width)} cannot be told apart {by}"
 
