@@ -40,6 +40,8 @@ def verdict(key: str, iv: Interval, a: str, b: str, target: float, fmt: str = "{
     if iv.sign == 0:
         if iv.kind == EDGE_OPEN:
             return "not resolved: edge open (a basin edge lies at a search limit: its width is only a bound)"
+        if key == "basin" and math.isnan(iv.estimate):
+            return f"not resolved (no LR-search trial of one of the cells reached {target:g}: it has no basin)"
         if math.isnan(iv.estimate) or (iv.kind.endswith("CI") and iv.n < 2):
             return "not resolved (fewer than 2 paired seeds: the sweep has no repeats yet (sweep.repeats))"
         return f"not resolved (the {'bracket' if iv.kind == 'bracket' else 'CI'} includes 0{resolvable(iv, fmt)})"
