@@ -154,3 +154,30 @@ def test_claims_command_runs_its_sweep_once_and_tests_the_claims(mlflow_server: 
     assert again.returncode == 0, again.stderr[-3000:]
     assert sum(len(s.trials) for s in studies_of(tmp_path, "claims_bn")) == n_trials
     assert list(csv.DictReader((tmp_path / "r" / "claims" / "claims.csv").open())) == rows
+
+
+# ---------------------------------------------------------------------- the derived per-repeat metrics
+
+
+def test_saturation_and_drift_from_diagnostics_rows() -> None:
+    from bnsweep.report.results import TrialResult, preact_summary
+
+    def rows(p50: list[float], spread: list[float]) -> list[dict]:
+        return [{"step": 10 * i, "epoch": 1, "layer": layer, "p15": m - s / 2, "p50": m, "p85": m + s / 2,
+                 "grad_norm": 1.0}
+                for i, (m, s) in enumerate(zip(p50, spread, strict=True)) for layer in ("fc1", "fc2")]
+
+    steady = preact_summary(rows([0.0] * 4, [2.0] * 4))
+    assert steady == {"preact_extent": pytest.approx(1.0), "preact_drift": pytest.approx(0.0)}
+    moving = preact_summary(rows([0.0, 1.0, 3.0, 5.0], [2.0, 3.0, 5.0, 6.0]))
+    assert moving["preact_drift"] == pytest.approx((5.0 + 4.0) / 2.0)  # |Δ median| + |Δ spread|, per first spread
+    assert moving["preact_extent"] == pytest.approx(((3.0 + 2.5) + (5.0 + 3.0)) / 2)  # last half: max |p15|, |p85|
+    out = [{"step": 0, "epoch": 1, "layer": "out", "p15": math.nan, "p50": math.nan, "p85": math.nan, "grad_norm": 1}]
+    assert math.isnan(preact_summary(out)["preact_drift"])  # the logits have no activation
+
+    t = TrialResult(1, 0.1, "complete", {"test_acc": 0.9, "final_train_acc": 0.95}, None, repeat=1,
+                    val_acc=[0.5, 0.8, 0.9], diagnostics=rows([0.0] * 4, [2.0] * 4))
+    assert t.value("train_test_gap") == pytest.approx(0.05) and t.value("preact_extent") == pytest.approx(1.0)
+    assert t.epochs == [1.0, 2.0, 3.0]  # no val_epoch logged: one point per epoch
+    t.val_epoch = [0.5, 1.0, 1.5]  # fractional validation checks: the curve's x
+    assert t.epochs == [0.5, 1.0, 1.5]
