@@ -181,3 +181,10 @@ def test_saturation_and_drift_from_diagnostics_rows() -> None:
     assert t.epochs == [1.0, 2.0, 3.0]  # no val_epoch logged: one point per epoch
     t.val_epoch = [0.5, 1.0, 1.5]  # fractional validation checks: the curve's x
     assert t.epochs == [0.5, 1.0, 1.5]
+
+
+def test_claims_command_rejects_an_unknown_sweep_in_one_line(tmp_path: Path) -> None:
+    proc = claims_cli("only=claims_nope", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("error: only=claims_nope: choose among claims_bn, claims_init, "
+                                                    "claims_optimizers")
