@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup sweep sweep-slurm report train test test-cluster bench ui down lint clean chromium
+.PHONY: setup sweep sweep-slurm report claims train test test-cluster bench ui down lint clean chromium
 
 setup: $(STAMP)
 
@@ -30,6 +30,9 @@ sweep-slurm: $(STAMP)  ## the study as a SLURM job array: make sweep-slurm SWEEP
 
 report: $(STAMP)  ## the study report of a sweep (reads it, never trains): make report SWEEP=default
 	$(BNSWEEP) report sweep=$(SWEEP) $(ARGS)
+
+claims: $(STAMP)  ## the seeds' claims tested: runs (or resumes) conf/sweep/claims_*.yaml, writes reports/claims/
+	$(BNSWEEP) claims $(ARGS)
 
 train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 	$(BNSWEEP) train $(ARGS)

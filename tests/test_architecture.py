@@ -13,7 +13,8 @@ import bnsweep
 
 PKG = Path(bnsweep.__file__).parent
 FOUNDATION = {"errors", "defaults", "config"}
-# stage -> the stages it may import (besides itself); cli, bench and the old-name shims sit on top
+# stage -> the stages it may import (besides itself); cli, bench, claims (``bnsweep claims``: runs sweeps, then
+# reads them as the report does) and the old-name shims sit on top
 BELOW: dict[str, set[str]] = {
     "errors": set(), "defaults": set(), "config": {"errors", "defaults"},
     "tracking": FOUNDATION,
@@ -56,6 +57,14 @@ def test_the_report_reads_results_without_the_sweep_runners() -> None:
     """The report reads the storage and MLflow itself: it never starts a driver, a worker or a launcher."""
     wrong = [f"{m} imports {t}" for m, targets in imports().items() if stage(m) == "report"
              for t in targets if any(t == r or t.startswith(f"{r}.") for r in RUNNERS)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_nothing_below_imports_the_top() -> None:
+    """cli, bench and claims may import every stage; no stage may import them."""
+    top = ("bnsweep.cli", "bnsweep.bench", "bnsweep.claims")
+    wrong = [f"{m} imports {t}" for m, targets in imports().items() if stage(m) in BELOW
+             for t in targets if t.startswith(top)]
     assert not wrong, "\n".join(wrong)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
 import math
 import os
@@ -14,16 +15,20 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import ROOT, RunIf, chromium_exe
+from helpers import ROOT, RunIf, chromium_exe, studies_of
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats as sps
 
-from bnsweep.report.stats import Interval, basin_bracket, bracket_diff, mean_ci, paired_diff
+from bnsweep.report.basins import Basin
+from bnsweep.report.stats import Interval, bracket_diff, mean_ci, paired_diff
+from bnsweep.sweep.basin import bracket
 from bnsweep.sweep.slots import is_repeat
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 
 PNG = b"\x89PNG\r\n\x1a\n"
+LABELS = {"best_val_acc": "best val acc", "epochs_to_converge": "epochs to target", "s_per_epoch": "s/epoch",
+          "time_to_target": "time to target (s)", "basin": "LR basin (decades)"}
 FIGURES = {"heatmap", "effects", "lr_curves", "learning_curves", "epochs_time", "importance", "slice",
            "diag_preact", "diag_grad"}
 
@@ -94,7 +99,49 @@ def test_report_states_the_paired_bn_difference_as_computed_from_the_repeats(rep
             resolved = diffs[0] != 0
         assert ("not resolved" in line) != resolved, line
     basin = next(x for x in md.splitlines() if x.startswith("- LR basin (decades):"))
-    assert "(bracket)" in basin and "→ **" in basin
+    assert "→ **" in basin
+    # an open edge is never a plain width; a cell where no LR reached the target has no basin at all
+    assert [w in basin for w in ("(bracket)", "edge open", "has no basin")].count(True) == 1, basin
+
+
+def test_answers_and_basins_csv_say_what_the_report_says(report: Path, tiny_sweep: SimpleNamespace) -> None:
+    from bnsweep.report.export import ANSWER_COLUMNS, BASIN_COLUMNS
+    from bnsweep.report.results import METRICS
+
+    answers = list(csv.DictReader((report / "answers.csv").open()))
+    assert answers and list(answers[0]) == ANSWER_COLUMNS
+    md = (report / "report.md").read_text()
+    answers_md = md.split("## Answers")[1].split("## Repeats")[0]
+    lines = [x for x in answers_md.splitlines() if x.startswith("- ") and "→ **" in x]
+    assert len(lines) == len(answers)  # one row per comparison line, in the report's order
+    for row, line in zip(answers, lines, strict=True):
+        assert line.startswith(f"- {LABELS[row['metric']]}:")
+        assert (row["verdict"] == "not_resolved") == ("not resolved" in line), (row, line)
+        lo, hi, n = float(row["lo"] or "nan"), float(row["hi"] or "nan"), int(row["n"])
+        if row["verdict"] == "greater":
+            assert lo > 0 and (n >= 2 or row["metric"] == "basin")
+        elif row["verdict"] == "less":
+            assert hi < 0
+        elif math.isfinite(hi - lo) and "cannot be told apart" in line:  # the power, stated
+            fmt = {k: f for k, _, f in METRICS}[row["metric"]].replace("+", "")
+            assert f"±{fmt.format((hi - lo) / 2)} cannot be told apart" in line, line
+
+    basins = list(csv.DictReader((report / "basins.csv").open()))
+    assert [list(b) for b in basins][0] == BASIN_COLUMNS and len(basins) == 2
+    target = 0.8
+    for b in basins:
+        (study,) = [s for s in studies_of(tiny_sweep.store, tiny_sweep.name) if s.user_attrs["cell"] == b["cell"]]
+        reached = [t.params["optimizer.lr"] for t in study.trials if "repeat" not in t.user_attrs
+                   and t.state.name == "COMPLETE" and t.user_attrs["metrics"]["best_val_acc"] >= target]
+        if not reached:
+            assert b["lower_hi"] == "" and b["width"] == ""
+            continue
+        assert float(b["lower_hi"]) == min(reached) and float(b["upper_lo"]) == max(reached)
+        assert b["lower_open"] in ("true", "false") and b["upper_open"] in ("true", "false")
+        assert float(b["lower_lo"]) <= float(b["lower_hi"]) <= float(b["upper_lo"]) <= float(b["upper_hi"])
+        assert float(b["width_lo"]) <= float(b["width"]) <= float(b["width_hi"]) and b["seeds"] == "1"
+        closed = b["lower_open"] == b["upper_open"] == "false"
+        assert closed == math.isfinite(float(b["width_hi"]))  # an open edge: the width is only a lower bound
 
 
 def test_report_is_logged_to_the_sweeps_summary_run(report: Path, tiny_sweep: SimpleNamespace) -> None:
@@ -102,7 +149,7 @@ def test_report_is_logged_to_the_sweeps_summary_run(report: Path, tiny_sweep: Si
     exp = client.get_experiment_by_name(f"sweep-{tiny_sweep.name}")
     (run,) = client.search_runs([exp.experiment_id], "tags.`bnsweep.role` = 'summary'")
     arts = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "report")}
-    assert {"report.md", "report.html"} | {f"{f}.png" for f in FIGURES} <= arts
+    assert {"report.md", "report.html", "answers.csv", "basins.csv"} | {f"{f}.png" for f in FIGURES} <= arts
 
 
 def test_trials_log_diagnostics_per_layer(tiny_sweep: SimpleNamespace, tmp_path: Path) -> None:
@@ -170,15 +217,7 @@ def test_paired_difference_matches_scipy_ttest_rel() -> None:
     assert paired_diff({1: 0.9, 2: 0.8}, {1: 0.8, 2: 0.9}).sign == 0  # the CI includes 0: not resolved
 
 
-def test_lr_basin_bracket_is_the_grid_resolution() -> None:
-    lrs, accs = [1e-3, 1e-2, 1e-1, 1.0], [0.5, 0.96, 0.97, 0.2]
-    iv = basin_bracket(lrs, accs, 0.95, 1e-4, 10.0)
-    assert (iv.estimate, iv.low) == (pytest.approx(1.0), pytest.approx(1.0))
-    assert iv.high == pytest.approx(math.log10(1.0 / 1e-3))  # edges up to the next LRs tried, which failed
-    edge = basin_bracket([1e-2, 1e-1], [0.96, 0.2], 0.95, 1e-3, 10.0)
-    assert (edge.low, edge.high) == (0.0, pytest.approx(2.0))  # nothing tried below: the range's end bounds it
-    none = basin_bracket([1e-3, 1e-1, 1.0], [0.1, 0.2, 0.3], 0.95, 1e-3, 10.0)
-    assert (none.estimate, none.low, none.high) == (0.0, 0.0, pytest.approx(2.0))  # the widest gap
+def test_bracket_difference_spans_every_value_both_brackets_allow() -> None:
     d = bracket_diff(Interval(1.0, 1.0, 3.0, 4, "bracket"), Interval(0.0, 0.0, 0.5, 4, "bracket"))
     assert (d.low, d.high, d.sign) == (0.5, 3.0, 1)
 
@@ -210,7 +249,8 @@ def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
         name = ",".join(f"{k}={v}" for k, v in labels.items())
         row = {k: math.nan for k in table.COLUMNS} | {"cell": name, "best_lr": best.lr, "best_val_acc": top,
                                                          "test_acc": top - 0.01}
-        basin = basin_bracket(list(lrs), list(accs), 0.8, 1e-3, 10.0)
+        basin = Basin({0: bracket([(float(lr), a >= 0.8) for lr, a in zip(lrs, accs, strict=True)], 1e-3, 10.0)},
+                      1e-3, 10.0, 0)
         cells.append(CellResult(name, labels, row, trials, repeats, best, basin, diag))
     return cells
 

@@ -32,6 +32,15 @@ def _report(args: Sequence[str]) -> None:
     _hydra(main, "report", args)
 
 
+def _claims(args: Sequence[str]) -> None:
+    from bnsweep.sweep.launch_local import start_preloading
+
+    start_preloading()
+    from bnsweep.claims import main
+
+    main(args)
+
+
 def _export(args: Sequence[str]) -> None:
     from bnsweep.deploy.export import main
 
@@ -66,6 +75,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str, str]] = {  # nam
     "train": (_train, "one training run, tracked in MLflow", "bnsweep train experiment=seed001_bn"),
     "sweep": (_sweep, "a study: grid x LR search, resumable", "bnsweep sweep sweep=default workers=2"),
     "report": (_report, "the study report of a sweep (never trains)", "bnsweep report sweep=default"),
+    "claims": (_claims, "the seeds' claims: run their sweeps, test them", "bnsweep claims workers=2"),
     "export": (_export, "fold a trained model's BN away", "bnsweep export run_id=<MLflow run id>"),
     "worker": (_worker, "a sweep worker (what cluster jobs run)", "bnsweep worker --storage ... --sweep ..."),
     "ui": (_ui, "the MLflow dashboard over mlruns/", "bnsweep ui [--port 5000]"),

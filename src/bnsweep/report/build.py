@@ -25,6 +25,8 @@ from omegaconf import DictConfig
 from bnsweep.defaults import CONF_DIR
 from bnsweep.errors import ConfigError, run_app
 from bnsweep.report import figures
+from bnsweep.report.claims import CLAIM_COLUMNS, Study, claim_rows, section
+from bnsweep.report.export import ANSWER_COLUMNS, BASIN_COLUMNS, answer_rows, basin_rows, write_csv
 from bnsweep.report.results import LR, METRICS, CellResult, Layout, collect_cell, comparisons, fetch_mlflow
 from bnsweep.report.sentences import compose
 from bnsweep.sweep import files
@@ -76,9 +78,33 @@ def render(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], out: P
         notes["diagnostics"] = ("No diagnostics: this sweep ran with train.diagnostics=false (add it to the "
                                 "sweep's base, as sweeps/report.yaml does).")
     doc = compose(name, attrs, cells, layout, vs_base, between, figs, notes, link)
+    claims = [r for r in claim_rows({name: Study(cells, layout)}) if r["study"] == name]
+    if claims:  # a claims sweep (conf/sweep/claims_*.yaml): its claims, tested
+        section(doc, claims)
     (out / "report.md").write_text(doc.to_markdown())
     (out / "report.html").write_text(doc.to_html())
-    return [out / "report.md", out / "report.html", *figs.values()]
+    csvs = [write_csv(out / "answers.csv", ANSWER_COLUMNS, answer_rows(vs_base, between, target)),
+            write_csv(out / "basins.csv", BASIN_COLUMNS, basin_rows(cells))]
+    if claims:
+        csvs.append(write_csv(out / "claims.csv", CLAIM_COLUMNS, claims))
+    return [out / "report.md", out / "report.html", *figs.values(), *csvs]
+
+
+def collect(name: str, url: str, tracking: DictConfig) -> tuple[dict[str, Any], list[CellResult], MlflowClient, str]:
+    """A sweep's study attributes, its cells (Optuna storage ``url``) with their MLflow histories, the client, URI."""
+    studies = sorted(sweep_studies(open_storage(url), name), key=lambda s: s.user_attrs.get("order", 0))
+    if not studies:
+        raise ConfigError(f"sweep={name!r} has no results in {url}; run it first (bnsweep sweep sweep={name})")
+    attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
+    dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
+    search_range = (dist.low, dist.high) if dist is not None else (math.nan, math.nan)
+    attrs["search_range"] = search_range
+    target = float(attrs["target_acc"])
+    cells = [collect_cell(s, search_range, target) for s in studies]
+    uri = connect(tracking)
+    client = MlflowClient(uri)
+    fetch_mlflow(client, cells)
+    return attrs, cells, client, uri
 
 
 def make_report(cfg: DictConfig) -> Path:
@@ -86,19 +112,8 @@ def make_report(cfg: DictConfig) -> Path:
     start = time.perf_counter()
     name = str(cfg.sweep.name)
     url = cfg.storage or default_storage(Path(cfg.tracking.store_dir).resolve(), name)
-    studies = sorted(sweep_studies(open_storage(url), name), key=lambda s: s.user_attrs.get("order", 0))
-    if not studies:
-        raise ConfigError(f"sweep={name!r} has no results in {url}; run it first (bnsweep sweep sweep={name})")
-    attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
+    attrs, cells, client, uri = collect(name, url, cfg.tracking)
     attrs["description"] = cfg.sweep.get("description", "")
-    dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
-    search_range = (dist.low, dist.high) if dist is not None else (math.nan, math.nan)
-    attrs["search_range"] = search_range
-    target = float(attrs["target_acc"])
-    cells = [collect_cell(s, search_range, target) for s in studies]
-    uri = connect(cfg.tracking)
-    client = MlflowClient(uri)
-    fetch_mlflow(client, cells)
     experiment_id = get_or_create_experiment(client, attrs["mlflow_experiment"], None)
     link = f"{uri}/#/experiments/{experiment_id}"
     out = Path(cfg.out_dir) / name.replace("/", "_")
@@ -108,7 +123,8 @@ def make_report(cfg: DictConfig) -> Path:
         for f in files:
             client.log_artifact(run_id, str(f), "report")
     took = time.perf_counter() - start
-    print(f"report: {out / 'report.html'} (+ report.md, {len(files) - 2} figures) in {took:.1f} s"
+    print(f"report: {out / 'report.html'} (+ report.md, CSVs, {sum(f.suffix == '.png' for f in files)} figures) in "
+          f"{took:.1f} s"
           + (f"; logged to the summary run of {link}" if cfg.log_to_mlflow else ""), file=sys.stderr)
     return out
 

@@ -20,10 +20,9 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from bnsweep.report.results import CellResult, Comparison, Layout  # noqa: E402
-from bnsweep.report.stats import format_interval, mean_ci  # noqa: E402
+from bnsweep.report.stats import mean_ci  # noqa: E402
 
 DPI = 100
-DECADES = "{est} dec. (bracket {low}-{high})"  # an LR basin in a panel title
 COLORS = plt.get_cmap("tab10").colors
 
 
@@ -90,17 +89,17 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
         reps = [(t.lr, t.metrics.get("best_val_acc", math.nan)) for t in c.repeats if t.metrics]
         if reps:
             ax.scatter(*zip(*reps, strict=True), marker=".", color="black", s=18, zorder=4)
-        ok = [p[0] for p in pts if p[1] >= target]
-        if ok:
-            lo, hi = min(ok), max(ok)
-            ax.axvspan(lo / 1.06, hi * 1.06, color="tab:green", alpha=0.15, lw=0)
+        b = c.basin.main
+        if b is not None:  # the reached span solid, each edge's bracket lighter
+            ax.axvspan(b.lower_hi / 1.06, b.upper_lo * 1.06, color="tab:green", alpha=0.15, lw=0)
+            for lo, hi in ((b.lower_lo, b.lower_hi), (b.upper_lo, b.upper_hi)):
+                ax.axvspan(lo, hi, color="tab:green", alpha=0.06, lw=0)
         ax.axhline(target, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
         if all(math.isfinite(x) and x > 0 for x in search_range):
             ax.set_xlim(search_range[0] / 1.3, search_range[1] * 1.3)
         ax.set_ylim(0, 1.02)
-        basin = format_interval(c.basin, template=DECADES)
-        ax.set_title(f"{c.labels[layout.row]} | {layout.group(c)}\nbasin {basin}", fontsize=9)
+        ax.set_title(f"{c.labels[layout.row]} | {layout.group(c)}\nbasin {c.basin.describe()}", fontsize=8)
     for ax in axes[-1]:
         ax.set_xlabel("learning rate")
     for ax in axes[:, 0]:
@@ -121,15 +120,16 @@ def learning_curves(cells: Sequence[CellResult], layout: Layout, target: float, 
     fig, axes = _panels(1, len(layout.groups), sharey=True)
     for c in cells:
         ax = axes[0, layout.groups.index(layout.group(c))]
-        runs = [t.val_acc for t in c.repeats if t.val_acc] or ([c.best.val_acc] if c.best and c.best.val_acc else [])
+        runs = [t for t in c.repeats if t.val_acc] or ([c.best] if c.best and c.best.val_acc else [])
         if not runs:
             continue
         color = _color(layout, c.labels[layout.row])
-        for r in runs:
-            ax.plot(range(1, len(r) + 1), r, color=color, alpha=0.3, lw=0.8, marker="." if len(r) < 3 else None)
-        n = max(len(r) for r in runs)
-        mean = [np.mean([r[e] for r in runs if len(r) > e]) for e in range(n)]
-        ax.plot(range(1, n + 1), mean, color=color, lw=2, marker="o", ms=3,
+        for t in runs:
+            ax.plot(t.epochs, t.val_acc, color=color, alpha=0.3, lw=0.8, marker="." if len(t.val_acc) < 3 else None)
+        longest = max(runs, key=lambda t: len(t.val_acc))
+        n = len(longest.val_acc)
+        mean = [np.mean([t.val_acc[e] for t in runs if len(t.val_acc) > e]) for e in range(n)]
+        ax.plot(longest.epochs, mean, color=color, lw=2, marker="o", ms=3,
                 label=f"{c.labels[layout.row]} ({len(runs)} run{'s' * (len(runs) > 1)})")
     for j, g in enumerate(layout.groups):
         ax = axes[0, j]
@@ -183,7 +183,7 @@ def effects(comparisons: Sequence[Comparison], metrics: Sequence[tuple[str, str]
                 continue
             resolved = iv.sign != 0
             color = "tab:blue" if resolved else "tab:gray"
-            if not math.isnan(iv.low):
+            if math.isfinite(iv.low) and math.isfinite(iv.high):
                 ax.plot([iv.low, iv.high], [y, y], color=color, lw=2.5 if resolved else 1.2,
                         ls="-" if iv.kind.endswith("CI") else ":")
             ax.plot(iv.estimate, y, "o", color=color, ms=5)

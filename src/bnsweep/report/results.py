@@ -19,9 +19,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
-from bnsweep.report.stats import Interval, basin_bracket, bracket_diff, paired_diff
+from bnsweep.report.basins import Basin, basin_diff, study_basin
+from bnsweep.report.stats import Interval, paired_diff
 from bnsweep.sweep import table
-from bnsweep.sweep.basin import basin_points
 from bnsweep.sweep.definition import cell_labels, short_keys
 from bnsweep.sweep.slots import best_trial, is_repeat
 from bnsweep.training.diagnostics import ARTIFACT as DIAGNOSTICS
@@ -33,6 +33,14 @@ log = logging.getLogger("bnsweep.report")
 METRICS = [("best_val_acc", "best val acc", "{:+.4f}"), ("test_acc", "test acc", "{:+.4f}"),
            ("epochs_to_converge", "epochs to target", "{:+.2f}"), ("s_per_epoch", "s/epoch", "{:+.3f}"),
            ("time_to_target", "time to target (s)", "{:+.1f}"), ("basin", "LR basin (decades)", "{:+.2f}")]
+# Per-repeat quantities the claims need that no trial logs as such (see TrialResult.value)
+DERIVED = {"train_test_gap": "final train acc minus test acc (the regularization view)",
+           "precise_bn_gain": "test acc with population statistics minus with running averages",
+           "preact_extent": "how far the central 70% of the activations' inputs reach (max |p15|, |p85|), "
+                            "mean over hidden layers, last half of training",
+           "preact_drift": "shift of the activations' input distribution (|Δ median| + |Δ 15-85 spread|) from "
+                           "the first to the last sample, in units of the first sample's spread, mean over layers"}
+
 
 # ---------------------------------------------------------------------- what a sweep holds
 
@@ -45,7 +53,9 @@ class TrialResult:
     metrics: dict[str, float]
     run_id: str | None
     repeat: int | None = None  # k of a repeat (seed + k at the best LR); None for an LR-search trial
-    val_acc: list[float] = field(default_factory=list)  # per epoch; fetched for best trials and repeats
+    val_acc: list[float] = field(default_factory=list)  # per validation; fetched for best trials and repeats
+    val_epoch: list[float] = field(default_factory=list)  # the (fractional) epoch of each val_acc, when logged
+    diagnostics: list[dict[str, Any]] | None = None  # repeats: diagnostics.csv rows, when the sweep logged them
 
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialResult:
@@ -56,7 +66,37 @@ class TrialResult:
     def value(self, key: str) -> float:
         if key == "time_to_target":  # censored runs count budget + 1 epochs, as epochs_to_converge does
             return self.metrics.get("epochs_to_converge", math.nan) * self.metrics.get("s_per_epoch", math.nan)
+        if key == "train_test_gap":
+            return self.metrics.get("final_train_acc", math.nan) - self.metrics.get("test_acc", math.nan)
+        if key in ("preact_extent", "preact_drift"):
+            return preact_summary(self.diagnostics or [])[key]
         return float(self.metrics.get(key, math.nan))
+
+    @property
+    def epochs(self) -> list[float]:
+        """x of the learning curve: ``val_epoch`` where logged alongside val_acc, else 1, 2, ..."""
+        if len(self.val_epoch) == len(self.val_acc):
+            return self.val_epoch
+        return [float(i + 1) for i in range(len(self.val_acc))]
+
+
+def preact_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``preact_extent`` and ``preact_drift`` (see DERIVED) from diagnostics.csv rows; NaN without hidden layers."""
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if all(math.isfinite(float(r[k])) for k in ("p15", "p50", "p85")):
+            by_layer.setdefault(r["layer"], []).append(r)
+    extent, drift = [], []
+    for samples in by_layer.values():
+        samples.sort(key=lambda r: r["step"])
+        late = samples[len(samples) // 2:]
+        extent.append(sum(max(abs(r["p15"]), abs(r["p85"])) for r in late) / len(late))
+        first, last = samples[0], samples[-1]
+        spread0, spread1 = first["p85"] - first["p15"], last["p85"] - last["p15"]
+        if spread0 > 0:
+            drift.append((abs(last["p50"] - first["p50"]) + abs(spread1 - spread0)) / spread0)
+    mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
+    return {"preact_extent": mean(extent), "preact_drift": mean(drift)}
 
 
 @dataclass
@@ -67,7 +107,7 @@ class CellResult:
     trials: list[TrialResult]  # the LR search
     repeats: list[TrialResult]  # finished repeats at the best LR
     best: TrialResult | None
-    basin: Interval
+    basin: Basin
     diagnostics: list[dict[str, Any]] | None = None
     waiting: int = 0  # trials (LR search or repeats) not finished yet
 
@@ -86,19 +126,34 @@ def collect_cell(study: optuna.Study, search_range: tuple[float, float], target:
     repeats = [TrialResult.of(t) for t in trials if is_repeat(t) and t.state.is_finished() and t.user_attrs.get(
         "metrics")]
     best = best_trial(trials)
-    basin = basin_bracket(*basin_points(t for t in trials if not is_repeat(t)), target, *search_range)
+    basin = study_basin(study, search_range, target)
     return CellResult(study.user_attrs.get("cell", study.study_name), labels, table.cell_row(study, target),
                       search, repeats, next((t for t in search if best and t.number == best.number), None), basin,
                       waiting=sum(not t.state.is_finished() for t in trials))
 
 
-def fetch_mlflow(client: MlflowClient, cells: Sequence[CellResult]) -> None:
-    """val_acc histories of each best trial and repeat, and the best trial's diagnostics, in parallel."""
+def fetch_mlflow(client: MlflowClient, cells: Sequence[CellResult], diagnostics_of_repeats: bool = True) -> None:
+    """val_acc histories of each best trial and repeat (and each repeat's last train_acc), the best trial's
+    diagnostics and, for the claims' saturation and drift, each repeat's; in parallel."""
     jobs: list[Callable[[], None]] = []
 
     def history(t: TrialResult) -> None:
-        t.val_acc = [m.value for m in sorted(client.get_metric_history(t.run_id, "val_acc"),
-                                             key=lambda m: m.step)]
+        acc = sorted(client.get_metric_history(t.run_id, "val_acc"), key=lambda m: m.step)
+        t.val_acc = [m.value for m in acc]
+        epochs = {m.step: m.value for m in client.get_metric_history(t.run_id, "val_epoch")}
+        t.val_epoch = [epochs[m.step] for m in acc if m.step in epochs]  # same step = global step
+        if t.repeat is not None:  # the train-test gap of a repeat: its last train_acc
+            train = sorted(client.get_metric_history(t.run_id, "train_acc"), key=lambda m: m.step)
+            if train:
+                t.metrics["final_train_acc"] = train[-1].value
+
+    def repeat_diag(t: TrialResult) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = client.download_artifacts(t.run_id, DIAGNOSTICS, tmp)
+            except Exception:  # diagnostics were off for this sweep
+                return
+            t.diagnostics = read_csv(Path(path).read_text())
 
     def diag(c: CellResult, run_id: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -114,6 +169,8 @@ def fetch_mlflow(client: MlflowClient, cells: Sequence[CellResult]) -> None:
                 jobs.append(lambda t=t: history(t))
         if c.best and c.best.run_id:
             jobs.append(lambda c=c: diag(c, c.best.run_id))
+        if diagnostics_of_repeats:
+            jobs += [lambda t=t: repeat_diag(t) for t in c.repeats if t.run_id]
     with ThreadPoolExecutor(max_workers=8) as pool:
         for f in [pool.submit(j) for j in jobs]:
             try:
@@ -186,7 +243,7 @@ class Comparison:
     @classmethod
     def of(cls, group: str, a: CellResult, b: CellResult, row: str) -> Comparison:
         deltas = {k: paired_diff(a.repeat_values(k), b.repeat_values(k)) for k, *_ in METRICS if k != "basin"}
-        deltas["basin"] = bracket_diff(a.basin, b.basin)
+        deltas["basin"] = basin_diff(a.basin, b.basin)
         return cls(group, a, b, a.labels[row], b.labels[row], deltas)
 
 

@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from bnsweep.report.basins import EDGE_OPEN
 from bnsweep.report.render import Document
 from bnsweep.report.results import LR, METRICS, CellResult, Comparison, Layout
 from bnsweep.report.stats import Interval, format_interval, mean_ci
@@ -19,14 +20,31 @@ from bnsweep.sweep import table
 # ---------------------------------------------------------------------- sentences
 
 
-def verdict(key: str, iv: Interval, a: str, b: str, target: float) -> str:
-    """The conclusion the interval supports, or 'not resolved' and why."""
+# What each kind of comparison line states: BN variant vs baseline, and BN variants against each other
+KEYS_VS_BASE = ("best_val_acc", "epochs_to_converge", "s_per_epoch", "time_to_target", "basin")
+KEYS_BETWEEN = ("best_val_acc", "epochs_to_converge", "basin")
+
+
+def resolvable(iv: Interval, fmt: str = "{:.4f}") -> str:
+    """The power statement of an unresolved line: the half-width, below which differences stay unseen."""
+    if not math.isfinite(iv.half_width):
+        return ""
+    if iv.half_width == 0:  # e.g. epochs to target equal on every seed: a measured zero, not a lack of power
+        return f"; the difference is exactly {fmt.format(iv.estimate)} on every one of the {iv.n} seeds"
+    by = "with this LR grid" if iv.kind == "bracket" else "with these seeds"
+    return f"; differences smaller than ±{fmt.replace('+', '').format(iv.half_width)} cannot be told apart {by}"
+
+
+def verdict(key: str, iv: Interval, a: str, b: str, target: float, fmt: str = "{:.4f}") -> str:
+    """The conclusion the interval supports, or 'not resolved', why, and the smallest resolvable difference."""
     if iv.sign == 0:
+        if iv.kind == EDGE_OPEN:
+            return "not resolved: edge open (a basin edge lies at a search limit: its width is only a bound)"
+        if key == "basin" and math.isnan(iv.estimate):
+            return f"not resolved (no LR-search trial of one of the cells reached {target:g}: it has no basin)"
         if math.isnan(iv.estimate) or (iv.kind.endswith("CI") and iv.n < 2):
-            why = "fewer than 2 paired seeds: the sweep has no repeats yet (sweep.repeats)"
-        else:
-            why = f"the {'bracket' if iv.kind == 'bracket' else 'CI'} includes 0"
-        return f"not resolved ({why})"
+            return "not resolved (fewer than 2 paired seeds: the sweep has no repeats yet (sweep.repeats))"
+        return f"not resolved (the {'bracket' if iv.kind == 'bracket' else 'CI'} includes 0{resolvable(iv, fmt)})"
     up = iv.sign > 0
     return {
         "best_val_acc": f"{a} is {'more' if up else 'less'} accurate than {b}",
@@ -38,15 +56,25 @@ def verdict(key: str, iv: Interval, a: str, b: str, target: float) -> str:
     }[key]
 
 
+def never_converged(comp: Comparison) -> bool:
+    return not any(t.metrics.get("converged") for t in [*comp.a.repeats, *comp.b.repeats])
+
+
+def line_verdict(comp: Comparison, key: str, target: float) -> tuple[str, str]:
+    """(greater | less | not_resolved, the words) of one comparison line: what report.md and answers.csv say."""
+    iv = comp.deltas[key]
+    fmt = next(f for k, _, f in METRICS if k == key)
+    if key in ("epochs_to_converge", "time_to_target") and never_converged(comp) and iv.n:
+        return "not_resolved", f"not resolved (no repeat of either cell reached {target:g} within the budget)"
+    return iv.verdict, verdict(key, iv, comp.a_label, comp.b_label, target, fmt)
+
+
 def sentences(comp: Comparison, target: float, keys: Sequence[str]) -> list[str]:
     out = []
-    never = not any(t.metrics.get("converged") for t in [*comp.a.repeats, *comp.b.repeats])
     for key, label, fmt in METRICS:
         if key in keys:
             iv = comp.deltas[key]
-            say = verdict(key, iv, comp.a_label, comp.b_label, target)
-            if key in ("epochs_to_converge", "time_to_target") and never and iv.n:
-                say = f"not resolved (no repeat of either cell reached {target:g} within the budget)"
+            say = line_verdict(comp, key, target)[1]
             text = format_interval(iv, fmt, "{est} [{low}, {high}] ({what})", "{est} (n={n}, no interval)")
             out.append(f"{label}: {text} → **{say}**")
     e, t = comp.deltas["epochs_to_converge"].sign, comp.deltas["time_to_target"].sign
@@ -85,7 +113,6 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
     doc.para(f"Each line compares two cells of the same group at their own best learning rates: a difference "
              f"(first minus second) with its 95% CI over {repeats} paired seeds, or, for the LR basin, the "
              f"bracket the LR grid allows. A conclusion is stated only where the interval excludes 0.")
-    keys = ("best_val_acc", "epochs_to_converge", "s_per_epoch", "time_to_target", "basin")
     for g in layout.groups:
         comps = [c for c in vs_base if c.group == g]
         others = [c for c in between if c.group == g]
@@ -94,10 +121,10 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         doc.heading(f"{g}", 3)
         for comp in comps:
             doc.para(f"**{'Does BN help? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
-            doc.bullets(sentences(comp, target, keys))
+            doc.bullets(sentences(comp, target, KEYS_VS_BASE))
         for comp in others:
             doc.para(f"**{'Where should BN go? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
-            doc.bullets(sentences(comp, target, ("best_val_acc", "epochs_to_converge", "basin")))
+            doc.bullets(sentences(comp, target, KEYS_BETWEEN))
     if not vs_base and not between:
         doc.para("The grid has a single value per key, so there is nothing to compare.")
 
@@ -110,9 +137,9 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
             return format_interval(mean_ci(list(c.repeat_values(key).values())), fmt)
         rows.append([c.name, _num(c.row["best_lr"], "{:.3g}"), str(len(c.repeats)), ci("best_val_acc", "{:.4f}"),
                      ci("test_acc", "{:.4f}"), ci("epochs_to_converge", "{:.2f}"), ci("s_per_epoch", "{:.3f}"),
-                     ci("time_to_target", "{:.1f}"), format_interval(c.basin)])
+                     ci("time_to_target", "{:.1f}"), c.basin.describe()])
     doc.table(["cell", "best lr", "n", "val acc", "test acc", "epochs to target", "s/epoch", "time to target (s)",
-               "LR basin (decades) [bracket]"], rows)
+               "LR basin"], rows)
 
     doc.heading("All differences")
     diff_rows = [[f"{c.group}: {c.a_label} − {c.b_label}", *[format_interval(c.deltas[k], fmt)
@@ -156,9 +183,12 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         "give unbiased estimates at that LR.",
         "paired comparison: repeat k uses seed + k in every cell (same init stream and batch order), so "
         "differences are taken seed by seed and the t-interval is over those differences.",
-        "LR basin: decades between the smallest and largest LR whose trial reached the target. It is measured "
-        "once per cell, so its interval is a bracket: each edge lies between the last LR that reached the target "
-        "and the next one tried (or the end of the searched range).",
+        "LR basin: decades between its two edges, each bracketed by the last LR that reached the target and the "
+        "next one tried that missed (or the search's limit: then that edge is open and the width only a lower "
+        "bound, never compared). One LR-search seed: the width is that bracket; several seeds with closed "
+        "brackets: the mean over seeds with a 95% CI, compared paired by seed.",
+        "not resolved: the interval includes 0; its half-width is the smallest difference this data could have "
+        "told apart. The same lines are in answers.csv, the basins in basins.csv.",
         "time to target: epochs to target x mean seconds per epoch of that run (workers run in parallel, so "
         "seconds are comparable within one sweep only).",
     ])

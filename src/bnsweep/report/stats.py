@@ -1,4 +1,4 @@
-"""Intervals for the report: t-based 95% CIs of means and paired differences, LR-basin brackets.
+"""Intervals for the report: t-based 95% CIs of means and paired differences, bracket differences.
 
 A report sentence states a conclusion only when its interval excludes 0 (``Interval.sign``).
 """
@@ -10,8 +10,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from scipy import stats as _scipy_stats
-
-from bnsweep.sweep.basin import lr_basin_decades, reached
 
 LEVEL = 0.95
 
@@ -29,7 +27,7 @@ class Interval:
     @property
     def sign(self) -> int:
         """+1 / -1 when the whole interval is above / below 0, else 0 ("not resolved")."""
-        if self.kind.endswith("CI") and self.n < 2:
+        if (self.kind.endswith("CI") and self.n < 2) or self.kind == "edge open" or math.isnan(self.estimate):
             return 0
         if self.low > 0:
             return 1
@@ -38,17 +36,29 @@ class Interval:
         return 0
 
 
+    @property
+    def half_width(self) -> float:
+        """Half the interval's width: differences smaller than this cannot be told from 0 with this data."""
+        return (self.high - self.low) / 2 if not (math.isnan(self.low) or math.isnan(self.high)) else math.inf
+
+    @property
+    def verdict(self) -> str:
+        """``greater`` / ``less`` (the interval excludes 0 on that side) or ``not_resolved``."""
+        return {1: "greater", -1: "less", 0: "not_resolved"}[self.sign]
+
+
 def format_interval(iv: Interval, fmt: str = "{:.2f}", template: str = "{est} [{low}, {high}]",
                     alone: str = "{est}") -> str:
     """``iv`` as text: '-' without an estimate, ``alone`` without an interval (NaN low), else ``template``.
 
     The templates' fields: ``est``, ``low``, ``high`` (each written with ``fmt``), ``n`` and ``what``
-    ("bracket", or "95% CI, n=<n>"). (A basin bracket always has both ends where it has an estimate.)
+    ("95% CI, n=<n>", else the kind: "bracket", "edge open"). (A basin bracket always has both ends where it
+    has an estimate.)
     """
     if math.isnan(iv.estimate):
         return "-"
     fields = {"est": fmt.format(iv.estimate), "n": iv.n,
-              "what": "bracket" if iv.kind == "bracket" else f"95% CI, n={iv.n}"}
+              "what": f"95% CI, n={iv.n}" if iv.kind.endswith("CI") else iv.kind}
     if math.isnan(iv.low):
         return alone.format(**fields)
     return template.format(low=fmt.format(iv.low), high=fmt.format(iv.high), **fields)
@@ -77,29 +87,6 @@ def paired_diff(a: Mapping[Hashable, float], b: Mapping[Hashable, float], level:
     """Mean of a[k] - b[k] over the keys (seeds) both have, with its t-interval: the paired comparison."""
     keys = [k for k in a if k in b and math.isfinite(a[k]) and math.isfinite(b[k])]
     return mean_ci([a[k] - b[k] for k in keys], level)
-
-
-def basin_bracket(lrs: Sequence[float], accs: Sequence[float], target: float, low: float, high: float) -> Interval:
-    """LR-basin width (decades) and the range the true width lies in, given which LRs were tried.
-
-    The basin is measured once per cell (by its LR search), so its uncertainty is the grid's
-    resolution: each edge lies between the last LR that reached ``target`` and the next one tried
-    (or the searched range's end, ``low``/``high``). With no LR reaching it, the width is 0 up to the
-    widest gap between tried LRs. Estimate: ``sweep.basin.lr_basin_decades`` (0 instead of NaN).
-    """
-    tried = sorted(lr for lr in lrs if lr > 0)
-    est = lr_basin_decades(lrs, accs, target)
-    if not tried:
-        return Interval(math.nan, math.nan, math.nan, 0, "bracket")
-    if math.isnan(est):
-        edges = [low, *tried, high]
-        gap = max(math.log10(b / a) for a, b in zip(edges, edges[1:], strict=False))
-        return Interval(0.0, 0.0, gap, len(tried), "bracket")
-    ok = reached(lrs, accs, target)
-    lo_ok, hi_ok = min(ok), max(ok)
-    left = max((lr for lr in tried if lr < lo_ok), default=low)
-    right = min((lr for lr in tried if lr > hi_ok), default=high)
-    return Interval(est, est, math.log10(right / left), len(tried), "bracket")
 
 
 def bracket_diff(a: Interval, b: Interval) -> Interval:
