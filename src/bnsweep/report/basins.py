@@ -85,12 +85,10 @@ def cell_basin(trials: Iterable[FrozenTrial], low: float, high: float, target: f
 
 
 def study_basin(study: optuna.Study, search_range: tuple[float, float], target: float) -> Basin:
-    """The basin of one cell's study; its main seed: the first of ``basin["seeds"]`` when the search names them."""
+    """The basin of one cell's study; its main seed is the lowest (the search's seed 0 trains with the cell's
+    own seed, further basin seeds with ``seed + 1000 * i``)."""
     attrs = study.user_attrs
-    seeds = (attrs.get("basin") or {}).get("seeds") or [None]
-    seed = seeds[0]
-    return cell_basin(study.get_trials(deepcopy=False), *search_limits(attrs, search_range), target,
-                      None if seed is None else int(seed))
+    return cell_basin(study.get_trials(deepcopy=False), *search_limits(attrs, search_range), target)
 
 
 def basin_diff(a: Basin, b: Basin) -> Interval:
