@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bnsweep.defaults import STORE_DIR
-from bnsweep.errors import BnsweepError, ConfigError, TrackingError, check_bool, redact
+from bnsweep.errors import BnsweepError, ConfigError, TrackingError, check_bool, check_int, redact
 
 log = logging.getLogger("bnsweep.tracking")
 _REACHABLE: set[str] = set()
@@ -39,6 +39,7 @@ def private_dir(path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     if path.stat().st_mode & 0o077:
+        log.info("%s: made private (0700): it holds the tracking store, the journal and logs", path)
         path.chmod(0o700)
     return path
 
@@ -117,6 +118,8 @@ def connect(tracking: Any) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.uri
     private_dir(tracking.store_dir)  # the Optuna journal and worker logs live here too
     if not uri:
+        if tracking.get("port") is not None:
+            check_int("tracking.port", tracking.port, 1, 65535)
         host = tracking.get("host") or "127.0.0.1"
         uri = MlflowServer(tracking.store_dir, host=host, port=tracking.port or preferred_port(host=host),
                            backend_store=tracking.get("backend_store"),
@@ -167,7 +170,7 @@ class MlflowServer:
             raise ConfigError(f"tracking.host={self.host} makes the MLflow server readable and writable by anyone "
                               "on the network; set tracking.auth=true (with MLFLOW_TRACKING_USERNAME/PASSWORD), "
                               "or tracking.allow_network=true to accept that, or use tracking.host=127.0.0.1")
-        log.warning("MLflow server on %s:%s is reachable from the network%s", self.host, self.port,
+        log.warning("the MLflow server on %s is reachable from the network%s", self.host,
                     "" if self.auth else " WITHOUT a password (tracking.allow_network=true)")
 
     def allowed_hosts(self) -> str:
