@@ -133,3 +133,21 @@ def RunIf(*, gpu: bool = False, chromium: bool = False, slurm: bool = False,
     wanted = {"gpu": gpu, "chromium": chromium, "slurm": slurm, "postgres": postgres}
     missing = [reason for name, (present, reason) in _NEEDS.items() if wanted[name] and not present()]
     return pytest.mark.skipif(bool(missing), reason=" | ".join(missing) or "all requirements met")
+
+
+def bnsweep_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m bnsweep <command> ...`` as a researcher runs it (a real process, from ``cwd``)."""
+    return subprocess.run([sys.executable, "-m", "bnsweep", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"})
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *parts: str) -> str:
+    """The command failed with exactly one ``error:`` line naming ``parts``, and no traceback."""
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Traceback" not in out, out
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out
+    for part in parts:
+        assert part in errors[0], errors[0]
+    return errors[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -57,6 +58,31 @@ def check_range(
     return value
 
 
+def check_int(key: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """An integer (``32.5`` is refused, never truncated), optionally within [low, high]."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        where = "" if low is None else f" >= {low}" + ("" if high is None else f" and <= {high}")
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer{where}")
+    return check_range(key, value, low, high)
+
+
+def check_bool(key: str, value: Any) -> bool:
+    """A boolean: ``no``, ``yes``, ``0`` or ``"false"`` are refused, not guessed."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be true or false")
+    return value
+
+
+_SECRET_IN_URL = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+_SECRET_IN_QUERY = re.compile(r"(?i)(?P<key>password|passwd|pwd|secret|token)=(?P<pw>[^&\s]+)")
+
+
+def redact(text: Any) -> str:
+    """``text`` with the passwords of any URLs in it (``scheme://user:pw@host``, ``?password=``) as ``***``."""
+    text = _SECRET_IN_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
+    return _SECRET_IN_QUERY.sub(lambda m: f"{m['key']}=***", text)
+
+
 def run_app(app: Callable[[Any], T], cfg: Any) -> T:
     """The body of every command: plain log lines, quiet MLflow clients, errors as one line (exit 1)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -65,4 +91,4 @@ def run_app(app: Callable[[Any], T], cfg: Any) -> T:
     try:
         return app(cfg)
     except BnsweepError as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {redact(e)}")

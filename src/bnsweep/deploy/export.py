@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from bnsweep.defaults import CONF_DIR
 from bnsweep.deploy.fold import fold_bn
 from bnsweep.deploy.latency import NAMES, measure, table, three_models
-from bnsweep.errors import BnsweepError, ConfigError, check_range, run_app
+from bnsweep.errors import BnsweepError, ConfigError, check_bool, check_int, check_range, run_app
 from bnsweep.tracking.runs import RunTracker, resolve_uri
 from bnsweep.tracking.server import check_reachable
 from bnsweep.training import checkpoint
@@ -91,10 +91,18 @@ def _fetch(cfg: DictConfig, tmp: Path) -> tuple[Path, Any]:
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Fold, check, write (and log) the folded model; returns the report (metrics, format, files)."""
-    check_range("check_batch", cfg.check_batch, 1)
+    check_int("check_batch", cfg.check_batch, 1)
     check_range("tolerance", cfg.tolerance, 0, low_open=True)
+    check_int("seed", cfg.seed, 0)
+    check_bool("latency.enabled", cfg.latency.enabled)
+    for i, batch in enumerate(cfg.latency.batches):
+        check_int(f"latency.batches[{i}]", batch, 1)
+    check_int("latency.repeats", cfg.latency.repeats, 1)
+    check_int("latency.warmup", cfg.latency.warmup, 0)
+    if cfg.latency.get("budget_s") is not None:
+        check_range("latency.budget_s", cfg.latency.budget_s, 0, low_open=True)
     if cfg.get("threads") is not None:
-        torch.set_num_threads(int(check_range("threads", cfg.threads, 1)))
+        torch.set_num_threads(check_int("threads", cfg.threads, 1))
     with tempfile.TemporaryDirectory() as tmp:
         path, client = _fetch(cfg, Path(tmp))
         try:

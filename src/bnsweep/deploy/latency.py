@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnsweep.config import instantiate
 from bnsweep.deploy.fold import fold_bn
+from bnsweep.training.checkpoint import build_model
 
 NAMES = ("nobn", "bn", "folded")
 
@@ -27,7 +27,7 @@ def three_models(model: nn.Module, model_cfg: Mapping[str, Any], in_shape: Seque
     """The trained BN model, its folded copy, and the same architecture built without any BN."""
     cfg = copy.deepcopy(dict(model_cfg))
     cfg["bn"] = {**dict(cfg.get("bn") or {}), "placement": "none", "input": False}
-    nobn = instantiate(cfg, in_shape=tuple(in_shape), num_classes=num_classes)
+    nobn = build_model(cfg, in_shape, num_classes)  # our classes only: model_cfg comes from a model file
     return {"nobn": nobn.eval(), "bn": model.eval(), "folded": fold_bn(model, in_shape)}
 
 

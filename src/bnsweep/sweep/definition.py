@@ -19,7 +19,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import compose
-from bnsweep.errors import ConfigError, check_choice, check_range
+from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
 from bnsweep.population.checks import check as population_check
 from bnsweep.sweep.basin import LR_KEY
 from bnsweep.sweep.search import BasinSearch, parse_basin
@@ -213,12 +213,16 @@ def _distribution(key: str, spec: Any) -> optuna.distributions.BaseDistribution:
     check_choice(f"{where}.type", kind, ("float", "int", "categorical"))
     low = check_range(f"{where}.low", spec.get("low"))
     high = check_range(f"{where}.high", spec.get("high"))
-    log = bool(spec.get("log", False))
+    log = check_bool(f"{where}.log", spec.get("log", False))
     if not low < high:
         raise ConfigError(f"{where}: low={low} must be below high={high}")
     if log and low <= 0:
         raise ConfigError(f"{where}: low={low} is not allowed with log=true; it must be > 0")
+    if spec.get("step") is not None:
+        check_range(f"{where}.step", spec["step"], 0, low_open=True)
     if kind == "int":
+        check_int(f"{where}.low", low)
+        check_int(f"{where}.high", high)
         return optuna.distributions.IntDistribution(int(low), int(high), log=log, step=spec.get("step") or 1)
     return optuna.distributions.FloatDistribution(float(low), float(high), log=log, step=spec.get("step"))
 
@@ -269,14 +273,16 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
         params.append(Param(key, _distribution(key, spec)))
     sampler = dict(raw.get("sampler") or {"name": "tpe", "seed": 0})
     check_choice("sweep.sampler.name", sampler.get("name"), SAMPLERS)
+    if sampler.get("seed") is not None:
+        check_int("sweep.sampler.seed", sampler["seed"], 0)
     pruner = dict(raw.get("pruner") or {"name": "median"})
     check_choice("sweep.pruner.name", pruner.get("name"), PRUNERS)
     spec = SweepSpec(name=str(raw["name"]), grid=dict(grid), params=params, base=base, sampler=sampler,
-                     pruner=pruner, n_trials=check_range("sweep.n_trials", raw.get("n_trials", 8), 1),
-                     epochs=check_range("sweep.epochs", raw.get("epochs", 3), 1),
+                     pruner=pruner, n_trials=check_int("sweep.n_trials", raw.get("n_trials", 8), 1),
+                     epochs=check_int("sweep.epochs", raw.get("epochs", 3), 1),
                      target_acc=check_range("sweep.target_acc", raw.get("target_acc", 0.9), 0, 1, low_open=True),
                      description=str(raw.get("description", "")),
-                     repeats=check_range("sweep.repeats", raw.get("repeats", 8), 0),
+                     repeats=check_int("sweep.repeats", raw.get("repeats", 8), 0),
                      population=_population(raw.get("population"), params), basin=basin)
     try:
         spec.make_sampler()

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import CONF_DIR, worker_count
 from bnsweep.errors import ConfigError, run_app
-from bnsweep.sweep import files, table
+from bnsweep.sweep import changes, files, table
 from bnsweep.sweep.definition import SweepSpec, parse
 from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.slots import counts, recover_study
@@ -74,6 +74,7 @@ class Sweep:
 
     def prepare(self) -> None:
         """Create or check each cell's study and parent run; enqueue every missing trial."""
+        changes.check(self.storage, self.spec, self.storage_url)
         studies = []
         for i, cell in enumerate(self.spec.cells()):
             study = optuna.create_study(storage=self.storage, study_name=self.spec.study_name(cell),

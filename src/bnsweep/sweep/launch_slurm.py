@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bnsweep.errors import ConfigError, check_range
+from bnsweep.errors import ConfigError, check_range, redact
 from bnsweep.sweep.launch_local import apply_env, rank_env
 
 log = logging.getLogger("bnsweep.cluster")
@@ -165,6 +165,6 @@ class SlurmLauncher:
 
 
 def reattach_hint(argv: list[str] | None = None) -> str:
-    """The command that follows a detached sweep: the same one, with ``action=status``."""
-    args = [a for a in (argv or sys.argv[1:]) if not a.startswith(("action=", "launcher.wait="))]
+    """The command that follows a detached sweep: the same one, with ``action=status`` (passwords as ***)."""
+    args = [redact(a) for a in (argv or sys.argv[1:]) if not a.startswith(("action=", "launcher.wait="))]
     return f"bnsweep sweep {shlex.join(args)} action=status"

@@ -22,6 +22,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 
 from bnsweep.defaults import STORE_DIR
+from bnsweep.errors import redact
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from research machines
 log = logging.getLogger("bnsweep.tracking")
@@ -47,14 +48,14 @@ def artifact_root(uri: str, store_dir: str | Path = STORE_DIR) -> str | None:
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested config -> {'model.bn.placement': 'after_act', ...} with string values."""
+    """Nested config -> {'model.bn.placement': 'after_act', ...} with string values (URL passwords as ***)."""
     out: dict[str, str] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out |= flatten(value, f"{name}.")
         else:
-            out[name] = str(value)[:PARAM_LEN]
+            out[name] = redact(value)[:PARAM_LEN]
     return out
 
 

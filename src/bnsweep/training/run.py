@@ -23,7 +23,7 @@ from optuna import TrialPruned
 
 from bnsweep.config import instantiate
 from bnsweep.defaults import CONF_DIR
-from bnsweep.errors import run_app
+from bnsweep.errors import redact, run_app
 from bnsweep.tracking.runs import EpochLogger, RunTracker, flatten, git_commit, resolve_uri
 from bnsweep.tracking.server import check_reachable
 from bnsweep.training import bn_eval, checkpoint
@@ -109,7 +109,7 @@ def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, mode
               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)},
         metrics=param_counts(model),
     )
-    tracker.log_files({"config.yaml": OmegaConf.to_yaml(cfg, resolve=True),
+    tracker.log_files({"config.yaml": redact(OmegaConf.to_yaml(cfg, resolve=True)),
                        "model_summary.txt": model_summary(model, dm.in_shape)})
 
 
