@@ -17,6 +17,8 @@ from bnsweep.sweep.slots import best_trial, counts, is_repeat
 
 COLUMNS = ["cell", "best_lr", "best_val_acc", "test_acc", "epochs_to_converge", "median_epochs_to_converge",
            "precise_bn_gain", "s_per_epoch", "lr_basin_decades", "complete", "pruned", "diverged", "failed", "running"]
+# The answers among them: the metric columns of the sweep's runs table on the dashboard (counts left out).
+METRIC_COLUMNS = [c for c in COLUMNS if c not in ("cell", "complete", "pruned", "diverged", "failed", "running")]
 
 
 def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:

@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None, action: str | None = None) -> None:
         print(f"starting the MLflow server over {server.store} (takes ~20 s) ...", flush=True)
         uri = server.start()
     print(f"MLflow dashboard: {uri}   (stop it with: bnsweep down)")
+    from bnsweep.tracking.dashboard import sweep_links
+
+    links = sweep_links(uri)
+    if links:
+        print("sweeps (runs tables):", *links, sep="\n")
 
 
 if __name__ == "__main__":
