@@ -102,7 +102,8 @@ def dump_dom(url: str, profile, budget_ms: int) -> str:
 @RunIf(chromium=True)
 def test_runs_page_shows_run_names_and_metric_columns(tiny_sweep, tmp_path):
     link = runs_table_url(tiny_sweep.uri, sweep_experiment(tiny_sweep).experiment_id)
-    names = [r.info.run_name for r in runs_by_role(tiny_sweep.uri, tiny_sweep.name)["cell"]]
+    roles = runs_by_role(tiny_sweep.uri, tiny_sweep.name)
+    names = [r.info.run_name for r in roles["cell"] + roles["summary"]]
     wanted = [*names, 'col-id="metrics.`best_val_acc`"', 'col-id="metrics.`best_lr`"']
     for attempt, budget in enumerate((15000, 40000)):  # a loaded machine may need more virtual time
         dom = html.unescape(dump_dom(link, tmp_path / f"profile{attempt}", budget))
@@ -110,6 +111,7 @@ def test_runs_page_shows_run_names_and_metric_columns(tiny_sweep, tmp_path):
             break
     assert [w for w in wanted if w not in dom] == []
     assert "No data available" not in dom  # not the GenAI overview
+    assert not [r.info.run_name for r in roles["trial"] if r.info.run_name in dom]  # trials: one click away
 
 
 def test_optuna_ui_serves_the_sweeps_studies(tiny_sweep):

@@ -68,8 +68,13 @@ class Sweep:
 
     @functools.cached_property
     def dashboard(self) -> str:
-        """The link to this sweep's runs table: cell runs with the table's answers as sortable columns."""
-        set_view(self.client, self.experiment_id, table.METRIC_COLUMNS, "best_val_acc")
+        """The link to this sweep's runs table: cell runs with the table's answers as sortable columns.
+
+        Trials are filtered out (the search box says so): sorted on best val acc they would mix with the
+        cells; each cell run lists its trials, and clearing the search shows them all.
+        """
+        set_view(self.client, self.experiment_id, table.METRIC_COLUMNS, "best_val_acc",
+                 search="tags.`bnsweep.role` != 'trial'")
         return runs_table_url(self.uri, self.experiment_id)
 
     @property

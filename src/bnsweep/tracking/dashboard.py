@@ -28,17 +28,19 @@ def runs_table_url(uri: str, experiment_id: str, view: bool = True) -> str:
     return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
 
 
-def view_state(metrics: Sequence[str], sort_by: str | None = None) -> str:
-    """The runs table's state as MLflow's UI stores it: column ids ``metrics.`<key>```, sort descending."""
-    state: dict[str, Any] = {"selectedColumns": [f"metrics.`{m}`" for m in metrics]}
+def view_state(metrics: Sequence[str], sort_by: str | None = None, search: str = "") -> str:
+    """The runs table's state as MLflow's UI stores it: column ids ``metrics.`<key>```, sort descending,
+    ``search`` in the search box (an MLflow filter such as ``tags.`x` != 'y'``)."""
+    state: dict[str, Any] = {"selectedColumns": [f"metrics.`{m}`" for m in metrics], "searchFilter": search}
     if sort_by:
         state |= {"orderByKey": f"metrics.`{sort_by}`", "orderByAsc": False}
     return json.dumps(state)
 
 
-def set_view(client: Any, experiment_id: str, metrics: Sequence[str], sort_by: str | None = None) -> None:
+def set_view(client: Any, experiment_id: str, metrics: Sequence[str], sort_by: str | None = None,
+             search: str = "") -> None:
     """Store the runs table's view (these metric columns, sorted on ``sort_by``) as the experiment's tag."""
-    value = view_state(metrics, sort_by)
+    value = view_state(metrics, sort_by, search)
     if client.get_experiment(experiment_id).tags.get(VIEW_TAG) != value:
         client.set_experiment_tag(experiment_id, VIEW_TAG, value)
 
