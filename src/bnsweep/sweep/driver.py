@@ -9,6 +9,7 @@ are retried, finished ones are never repeated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -253,7 +254,12 @@ class Sweep:
         RunTracker.for_run(self.client, study.user_attrs["mlflow_parent_run_id"]).log(metrics)
 
     def monitored(self) -> Any:
-        """This machine's CPU/memory/GPU use while the workers run, on the sweep's summary run."""
+        """This machine's CPU/memory/GPU use while local workers run, on the sweep's summary run.
+
+        Cluster workers run elsewhere: this machine's load would say nothing about them.
+        """
+        if not isinstance(self.launcher, LocalLauncher):
+            return contextlib.nullcontext()
         run_id = summary_run(self.client, self.experiment_id, self.spec.name)
         self.client.update_run(run_id, status="RUNNING")  # finish() ends it
         return system_metrics(self.uri, run_id)
