@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup sweep sweep-slurm report claims train test test-cluster bench ui down lint clean chromium
+.PHONY: setup sweep sweep-slurm report claims train test test-cluster bench ui optuna-ui down lint clean chromium
 
 setup: $(STAMP)
 
@@ -54,8 +54,11 @@ test-cluster: $(STAMP)  ## the SLURM + PostgreSQL tests (tests/cluster), against
 bench: $(STAMP)  ## side-by-side speed ratios; numbers go into the issue notes
 	$(BNSWEEP) bench $(ARGS)
 
-ui: $(STAMP)  ## the MLflow dashboard over mlruns/ (starts the local server, or finds it running)
+ui: $(STAMP)  ## the MLflow dashboard over mlruns/ (starts the local server, or finds it running); links each sweep's runs table
 	$(BNSWEEP) ui $(ARGS)
+
+optuna-ui: $(STAMP)  ## optuna-dashboard over a sweep's studies, on 127.0.0.1: make optuna-ui SWEEP=default
+	$(BNSWEEP) optuna-ui --sweep $(SWEEP) $(ARGS)
 
 down: $(STAMP)  ## stop the local MLflow server
 	$(BNSWEEP) down

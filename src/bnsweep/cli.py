@@ -65,6 +65,12 @@ def _down(args: Sequence[str]) -> None:
     main(list(args), action="stop")
 
 
+def _optuna_ui(args: Sequence[str]) -> None:
+    from bnsweep.sweep.optuna_ui import main
+
+    main(list(args))
+
+
 def _bench(args: Sequence[str]) -> None:
     from bnsweep.bench.main import main
 
@@ -80,6 +86,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], None], str, str]] = {  # nam
     "worker": (_worker, "a sweep worker (what cluster jobs run)", "bnsweep worker --storage ... --sweep ..."),
     "ui": (_ui, "the MLflow dashboard over mlruns/", "bnsweep ui [--port 5000]"),
     "down": (_down, "stop the dashboard's server", "bnsweep down"),
+    "optuna-ui": (_optuna_ui, "optuna-dashboard over a sweep's studies", "bnsweep optuna-ui --sweep default"),
     "bench": (_bench, "speed ratios measured side by side", "bnsweep bench [--only training]"),
 }
 
@@ -91,7 +98,7 @@ def _hydra(main: Callable[[], object], name: str, args: Sequence[str]) -> None:
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<7} {what:<44} {example}" for name, (_, what, example) in COMMANDS.items())
+    rows = "\n".join(f"  {name:<9} {what:<44} {example}" for name, (_, what, example) in COMMANDS.items())
     return ("usage: bnsweep <command> [overrides or options]\n\n"
             "Batch Normalization studies: measured, tracked, reproducible.\n\n"
             f"commands:\n{rows}\n\n"

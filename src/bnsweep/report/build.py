@@ -31,6 +31,7 @@ from bnsweep.report.results import LR, METRICS, CellResult, Layout, collect_cell
 from bnsweep.report.sentences import compose
 from bnsweep.sweep import files
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
+from bnsweep.tracking.dashboard import VIEW_TAG, runs_table_url
 from bnsweep.tracking.runs import get_or_create_experiment, summary_run
 from bnsweep.tracking.server import connect
 
@@ -115,7 +116,7 @@ def make_report(cfg: DictConfig) -> Path:
     attrs, cells, client, uri = collect(name, url, cfg.tracking)
     attrs["description"] = cfg.sweep.get("description", "")
     experiment_id = get_or_create_experiment(client, attrs["mlflow_experiment"], None)
-    link = f"{uri}/#/experiments/{experiment_id}"
+    link = runs_table_url(uri, experiment_id, view=VIEW_TAG in client.get_experiment(experiment_id).tags)
     out = Path(cfg.out_dir) / name.replace("/", "_")
     files = render(name, attrs, cells, out, int(cfg.dpi), link)
     if cfg.log_to_mlflow:

@@ -9,6 +9,7 @@ are retried, finished ones are never repeated.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -33,8 +34,10 @@ from bnsweep.sweep.definition import SweepSpec, parse
 from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.slots import counts, recover_study
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
+from bnsweep.tracking.dashboard import runs_table_url, set_view
 from bnsweep.tracking.runs import RunTracker, artifact_root, get_or_create_experiment, mark_killed, summary_run
 from bnsweep.tracking.server import connect
+from bnsweep.tracking.system import system_metrics
 
 log = logging.getLogger("bnsweep.sweep")
 
@@ -63,6 +66,17 @@ class Sweep:
     def studies(self) -> list[optuna.Study]:
         """This sweep's cell studies; ``prepare`` keeps them, so polling reads only new journal lines."""
         return getattr(self, "_studies", None) or sweep_studies(self.storage, self.spec.name)
+
+    @functools.cached_property
+    def dashboard(self) -> str:
+        """The link to this sweep's runs table: cell runs with the table's answers as sortable columns.
+
+        Trials are filtered out (the search box says so): sorted on best val acc they would mix with the
+        cells; each cell run lists its trials, and clearing the search shows them all.
+        """
+        set_view(self.client, self.experiment_id, table.METRIC_COLUMNS, "best_val_acc",
+                 search="tags.`bnsweep.role` != 'trial'")
+        return runs_table_url(self.uri, self.experiment_id)
 
     @property
     def log_dir(self) -> Path:
@@ -205,6 +219,7 @@ class Sweep:
                 continue
             announced.add(cell)
             row = table.cell_row(study, self.spec.target_acc)
+            self.log_cell(study, row)  # on the dashboard as soon as the cell is done
             best = (f"best val_acc {row['best_val_acc']:.4f} at lr {row['best_lr']:.3g}"
                     if not math.isnan(row["best_val_acc"]) else "no completed trial")
             bar.write(f"  done: {cell:<40} {best}")
@@ -218,9 +233,7 @@ class Sweep:
             row = table.cell_row(study, self.spec.target_acc)
             rows.append(row)
             parent = study.user_attrs["mlflow_parent_run_id"]
-            # NaN is logged too: "no trial got there" (e.g. no LR basin) is an answer, not a gap.
-            metrics = {k: v for k, v in row.items() if k != "cell" and isinstance(v, (int, float))}
-            RunTracker.for_run(self.client, parent).log(metrics)
+            self.log_cell(study, row)
             self.client.set_terminated(parent, "FINISHED" if row["running"] == 0 else "KILLED")
             failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
             if failed and row["running"] == 0:  # a worker killed mid-trial may not have ended its run
@@ -235,6 +248,23 @@ class Sweep:
         self.client.log_text(run_id, csv, "summary.csv")
         self.client.set_terminated(run_id, "FINISHED")
         return rows
+
+    def log_cell(self, study: optuna.Study, row: dict) -> None:
+        """A cell's table row as metrics of its parent run: sortable columns of the runs table."""
+        # NaN is logged too: "no trial got there" (e.g. no LR basin) is an answer, not a gap.
+        metrics = {k: v for k, v in row.items() if k != "cell" and isinstance(v, (int, float))}
+        RunTracker.for_run(self.client, study.user_attrs["mlflow_parent_run_id"]).log(metrics)
+
+    def monitored(self) -> Any:
+        """This machine's CPU/memory/GPU use while local workers run, on the sweep's summary run.
+
+        Cluster workers run elsewhere: this machine's load would say nothing about them.
+        """
+        if not isinstance(self.launcher, LocalLauncher):
+            return contextlib.nullcontext()
+        run_id = summary_run(self.client, self.experiment_id, self.spec.name)
+        self.client.update_run(run_id, status="RUNNING")  # finish() ends it
+        return system_metrics(self.uri, run_id)
 
     def timing(self) -> dict[str, float]:
         """Summed fit and test-evaluation time, trials run, and summed claim-to-finish time."""
@@ -273,6 +303,7 @@ def open_sweep(cfg: DictConfig) -> Sweep:
 def run(cfg: DictConfig) -> list[dict]:
     sweep = open_sweep(cfg)
     sweep.prepare()
+    print(f"dashboard: {sweep.dashboard}", file=sys.stderr)
     local = isinstance(sweep.launcher, LocalLauncher)
     if cfg.action == "run":
         sweep.prepare_data()
@@ -283,7 +314,8 @@ def run(cfg: DictConfig) -> list[dict]:
 
             print(f"submitted {sweep.launcher.describe()}; follow it with:\n  {reattach_hint()}", file=sys.stderr)
             return []
-        wall = sweep.run_workers(n_workers)
+        with sweep.monitored():
+            wall = sweep.run_workers(n_workers)
         t = sweep.timing()
         if t["trials"]:
             print(f"{t['trials']} trials ran in {wall:.1f} s with {n_workers} workers; orchestration overhead "
@@ -295,8 +327,8 @@ def run(cfg: DictConfig) -> list[dict]:
     rows = sweep.finish()
     print("\n" + table.to_markdown(rows, sweep.spec.target_acc))
     left = sum(r["running"] for r in rows)
-    print(f"Table: reports/{sweep.spec.name}/summary.{{md,csv}}; dashboard: {sweep.uri}/#/experiments/"
-          f"{sweep.experiment_id}" + (f"\n{left} trials left: run the same command again to resume." if left else ""))
+    print(f"Table: reports/{sweep.spec.name}/summary.{{md,csv}}; dashboard: "
+          f"{sweep.dashboard}" + (f"\n{left} trials left: run the same command again to resume." if left else ""))
     return rows
 
 

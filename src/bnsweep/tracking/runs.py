@@ -30,6 +30,9 @@ _EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking uri, name) -> id, per
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # a checkout: git_commit() names its commit
 MAX_PARAMS, MAX_TAGS, MAX_METRICS = 100, 100, 1000  # MLflow's limits per log_batch
 PARAM_LEN = 6000
+# MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI overview (traces, tokens) of an
+# empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> str:
@@ -191,9 +194,12 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
 def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if not EXPERIMENT_KIND.items() <= exp.tags.items():  # made before the tag existed
+            for k, v in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(exp.experiment_id, k, v)
         return exp.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
+        return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
     except Exception:  # another worker created it between our two calls
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -331,6 +331,11 @@ def main(argv: list[str] | None = None, action: str | None = None) -> None:
         except BnsweepError as e:
             sys.exit(f"error: {redact(e)}")
     print(f"MLflow dashboard: {uri}   (stop it with: bnsweep down)")
+    from bnsweep.tracking.dashboard import sweep_links
+
+    links = sweep_links(uri)
+    if links:
+        print("sweeps (runs tables):", *links, sep="\n")
 
 
 if __name__ == "__main__":
