@@ -1,0 +1,218 @@
+"""``population=auto``: how many trials to stack, measured on the machine that trains them.
+
+Whether a population pays depends on the machine and the model: on a GPU, or a CPU whose single
+trial leaves most of the matmul units idle (small layers, small batches), stacking K members turns
+K small matmuls into one big one; on a CPU where one trial already runs near the matmul peak it
+only adds per-member work. No fixed K is right everywhere, so a worker measures.
+
+The probe times a few training steps and a few evaluation calls of the real model shape, batch
+size and optimizer for each candidate K (K=1 the plain model with torch's optimizer, as a single
+run trains; K>1 the stacked network with the stacked optimizer), predicts each candidate's
+trials/hour for a whole trial (training steps plus validation, per epoch), and picks the best. K=1
+is always a candidate, and a K>1 must beat it by ``MARGIN`` (the single path has none of a
+population's per-member bookkeeping in the probe), so ``auto`` is never much slower than one trial
+at a time. The answer is cached per machine and shape (``~/.cache/bnsweep/population_auto.json``),
+so a sweep's workers probe once per machine, not once per trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from bnsweep.config import instantiate
+from bnsweep.errors import ConfigError
+from bnsweep.population.checks import AUTO, check
+from bnsweep.population.layers import StackedNet
+from bnsweep.population.optim import StackedOptimizer
+from bnsweep.training.data import InMemoryDataModule
+
+log = logging.getLogger("bnsweep.population")
+
+CPU_CANDIDATES = (1, 2, 4, 8, 16, 32)
+GPU_CANDIDATES = (1, 8, 32, 64, 128)
+MARGIN = 1.10  # a population must predict 10% more trials/hour than K=1 to be chosen
+PROBE_STEPS = 10  # timed training steps per candidate and round (after 3 warm-up steps)
+PROBE_ROUNDS = 3  # interleaved rounds over the candidates
+CACHE_VERSION = 1
+
+
+def cache_path() -> Path:
+    """Where probes are remembered: $XDG_CACHE_HOME/bnsweep (default ~/.cache/bnsweep)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "bnsweep" / "population_auto.json"
+
+
+def machine_key(device: torch.device) -> str:
+    """This machine as far as speed goes: host, CPU, torch threads and version, the GPU if used."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return "|".join([platform.node(), platform.processor() or platform.machine(), f"threads={torch.get_num_threads()}",
+                     torch.__version__, gpu])
+
+
+def shape_key(cfg: DictConfig, in_shape: Sequence[int], batch_size: int, candidates: Sequence[int]) -> str:
+    """The model, input shape, batch size, optimizer kind and candidates: what the probe's answer depends on."""
+    opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    opt = {k: v for k, v in opt.items() if k != "lr"}
+    what = {"model": OmegaConf.to_container(cfg.model, resolve=True), "in": list(in_shape), "batch": batch_size,
+            "optimizer": opt, "candidates": list(candidates), "v": CACHE_VERSION}
+    return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def candidates_for(device: torch.device) -> tuple[int, ...]:
+    return GPU_CANDIDATES if device.type == "cuda" else CPU_CANDIDATES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _models(cfg: DictConfig, dm: InMemoryDataModule, k: int, device: torch.device) -> list[torch.nn.Module]:
+    torch.manual_seed(int(cfg.seed))
+    return [instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes).to(device) for _ in range(k)]
+
+
+class Candidate:
+    """K members ready to step (K=1: the plain model with torch's optimizer, as a single run trains)."""
+
+    def __init__(self, cfg: DictConfig, dm: InMemoryDataModule, k: int, device: torch.device) -> None:
+        self.k, self.device, self.b = k, device, dm.batch_size
+        self.x, self.y = dm.tensors["train_x"], dm.tensors["train_y"]
+        self.gen = torch.Generator().manual_seed(k)
+        models = _models(cfg, dm, k, device)
+        if k == 1:
+            self.net: torch.nn.Module = models[0]
+            self.opt = instantiate(cfg.optimizer)(self.net.parameters())
+        else:
+            self.net = StackedNet(models).to(device)
+            self.opt = StackedOptimizer(list(self.net.parameters()), OmegaConf.to_container(cfg.optimizer, resolve=True),
+                                        torch.full((k,), float(cfg.optimizer.lr)))
+        chunk = max(64, dm.eval_batch_size // k) if k > 1 else dm.eval_batch_size  # as population.loop.eval_chunk
+        self.eval_x = self.x[:chunk].to(device)
+
+    def step_s(self, steps: int) -> float:
+        """Median seconds of one training step (forward, loss, backward, optimizer step)."""
+        k, b = self.k, self.b
+        self.net.train()
+        times = []
+        for _ in range(steps):
+            j = torch.randint(0, len(self.x), (b,), generator=self.gen).to(self.x.device)
+            x, y = self.x[j].to(self.device), self.y[j].to(self.device)
+            start = time.perf_counter()
+            logits = self.net(x)
+            if k == 1:
+                loss = F.cross_entropy(logits, y)
+            else:
+                loss = F.cross_entropy(logits.reshape(k * b, -1), y.repeat(k), reduction="none").view(k, b).mean(1).sum()
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            _sync(self.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    @torch.no_grad()
+    def eval_s_per_input(self) -> float:
+        self.net.eval()
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            self.net(self.eval_x)
+            _sync(self.device)
+            best = min(best, time.perf_counter() - start)
+        return best / len(self.eval_x)
+
+
+def predict(step_s: float, eval_s_per_input: float, k: int, dm: InMemoryDataModule) -> float:
+    """Trials/hour of K members from the probe: an epoch's steps plus its validation pass."""
+    n_train, n_val = len(dm.tensors["train_x"]), len(dm.tensors["val_x"])
+    epoch_s = math.ceil(n_train / dm.batch_size) * step_s + n_val * eval_s_per_input
+    return k / epoch_s * 3600
+
+
+def probe(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int], device: torch.device,
+          steps: int = PROBE_STEPS, rounds: int = PROBE_ROUNDS) -> dict[int, float]:
+    """Predicted trials/hour per candidate K, measured now in interleaved rounds (a busy moment hits all K
+    alike; each K keeps its best round)."""
+    pool = {k: Candidate(cfg, dm, k, device) for k in sorted(set(candidates) | {1})}
+    for c in pool.values():
+        c.step_s(3)  # warm-up: lazy optimizer state, allocator, kernels
+    best = dict.fromkeys(pool, math.inf)
+    for _ in range(rounds):
+        for k, c in pool.items():
+            best[k] = min(best[k], c.step_s(steps))
+    return {k: predict(best[k], c.eval_s_per_input(), k, dm) for k, c in pool.items()}
+
+
+def best_k(rates: dict[int, float], margin: float = MARGIN) -> int:
+    """The fastest K; a population only if it beats one trial at a time by ``margin``."""
+    k = max(rates, key=rates.__getitem__)
+    return k if k == 1 or rates[k] >= margin * rates[1] else 1
+
+
+def _load(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(path: Path, entries: dict) -> None:
+    """Atomic write: concurrent workers each leave a whole file (the last one wins)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home: probe again next time
+        log.warning("population=auto: could not cache the probe in %s (%s)", path, e)
+
+
+def choose(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int] | None = None,
+           limit: int | None = None) -> tuple[int, dict]:
+    """The K to train with for ``cfg``'s cell on this machine, and the probe record (``cached``: from an earlier probe).
+
+    K=1 when the cell cannot be a population (``population.checks``); ``limit`` caps K (e.g. the
+    trials left in the cell).
+    """
+    try:
+        check(cfg)
+    except ConfigError as e:
+        return 1, {"reason": str(e)}
+    from bnsweep.population.loop import device_of  # (loop imports this module's callers' layer: no cycle)
+
+    device = device_of(cfg)
+    candidates = tuple(candidates or candidates_for(device))
+    path = cache_path()
+    key = f"{machine_key(device)}|{shape_key(cfg, dm.in_shape, dm.batch_size, candidates)}"
+    entries = _load(path)
+    record = entries.get(key)
+    if record is None:
+        if dm.tensors["train_x"].device != device:
+            dm.tensors = {n: v.to(device) for n, v in dm.tensors.items()}
+        started = time.perf_counter()
+        rates = probe(cfg, dm, candidates, device)
+        record = {"rates": {str(k): r for k, r in rates.items()}, "k": best_k(rates),
+                  "probe_s": time.perf_counter() - started, "at": time.time()}
+        entries = _load(path) | {key: record}
+        _save(path, entries)
+        log.info("population=auto: probed K in %s on %s in %.1f s: %s -> K=%d", list(rates), device,
+                 record["probe_s"], ", ".join(f"K={k}: {r:.0f}/h" for k, r in rates.items()), record["k"])
+        record = {**record, "cached": False}
+    else:
+        record = {**record, "cached": True}
+    k = int(record["k"])
+    return (min(k, limit) if limit else k), record
