@@ -1,4 +1,4 @@
-"""population=auto: a real probe picks K among the candidates, is cached per machine and shape, and trains as promised."""
+"""population=auto: a real probe picks K among the candidates, cached per machine and shape; it trains as promised."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def test_a_cell_that_cannot_be_a_population_trains_alone(cache: Path, dm) -> Non
 
 def test_auto_k_members_equal_their_single_runs(cache: Path, dm) -> None:
     """Whatever K the probe picks, each member ends with its own single run's numbers."""
-    cfgs = [make_cfg(*SMALL, f"tracking.store_dir={cache.parent}", f"optimizer.lr={lr}") for lr in (0.05, 0.2, 0.1, 0.3)]
+    cfgs = [make_cfg(*SMALL, f"tracking.store_dir={cache.parent}", f"optimizer.lr={lr}")
+            for lr in (0.05, 0.2, 0.1, 0.3)]
     k, _ = auto.choose(cfgs[0], dm, CANDIDATES)
     chosen = cfgs[:k]
     results = run_population(chosen, datamodule=dm, track=False) if k > 1 else [

@@ -34,8 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
-from bnsweep.population.checks import AUTO, check
+from bnsweep.population.checks import check
 from bnsweep.population.layers import StackedNet
+from bnsweep.population.loop import device_of, eval_chunk
 from bnsweep.population.optim import StackedOptimizer
 from bnsweep.training.data import InMemoryDataModule
 
@@ -98,9 +99,9 @@ class Candidate:
             self.opt = instantiate(cfg.optimizer)(self.net.parameters())
         else:
             self.net = StackedNet(models).to(device)
-            self.opt = StackedOptimizer(list(self.net.parameters()), OmegaConf.to_container(cfg.optimizer, resolve=True),
-                                        torch.full((k,), float(cfg.optimizer.lr)))
-        chunk = max(64, dm.eval_batch_size // k) if k > 1 else dm.eval_batch_size  # as population.loop.eval_chunk
+            opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
+            self.opt = StackedOptimizer(list(self.net.parameters()), opt, torch.full((k,), float(cfg.optimizer.lr)))
+        chunk = eval_chunk(dm.eval_batch_size, k) if k > 1 else dm.eval_batch_size  # as the population evaluates
         self.eval_x = self.x[:chunk].to(device)
 
     def step_s(self, steps: int) -> float:
@@ -116,7 +117,8 @@ class Candidate:
             if k == 1:
                 loss = F.cross_entropy(logits, y)
             else:
-                loss = F.cross_entropy(logits.reshape(k * b, -1), y.repeat(k), reduction="none").view(k, b).mean(1).sum()
+                per = F.cross_entropy(logits.reshape(k * b, -1), y.repeat(k), reduction="none")
+                loss = per.view(k, b).mean(1).sum()  # as population.loop.train_step
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
@@ -192,8 +194,6 @@ def choose(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int] | 
         check(cfg)
     except ConfigError as e:
         return 1, {"reason": str(e)}
-    from bnsweep.population.loop import device_of  # (loop imports this module's callers' layer: no cycle)
-
     device = device_of(cfg)
     candidates = tuple(candidates or candidates_for(device))
     path = cache_path()
