@@ -196,7 +196,7 @@ def report_sweep(trials: int, repeats: int, limit_train: int | None = None) -> N
 def report_training(epochs: int, limit_train: int | None = None) -> None:
     r = bench_training(epochs, limit_train)
     peak = matmul_peak(torch.device("cpu"), torch.get_num_threads())
-    print(f"\n[training] experiment=seed001_bn, MNIST 55k, batch 32, median s/epoch of {epochs}"
+    print(f"\n[training] experiment=seed001_bn, MNIST {limit_train or '55k'}, batch 32, median s/epoch of {epochs}"
           " (bare loop: median of two brackets around the full stack)")
     print(f"  bare PyTorch loop, same tensors        {r['bare']:7.2f} s/epoch   {at_peak(r['flops'], r['bare'], peak)}")
     print(f"  full stack (Lightning+Hydra+MLflow)    {r['full']:7.2f} s/epoch   {at_peak(r['flops'], r['full'], peak)}")
