@@ -31,6 +31,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
+from bnsweep.errors import ConfigError
 from bnsweep.population import auto
 from bnsweep.population.checks import AUTO, population_value
 from bnsweep.population.loop import run_population
@@ -306,6 +307,14 @@ class Worker:
         return self.done
 
 
+def population_arg(value: str) -> int | str | None:
+    """``--population``: K or auto, with the one-line error of a bad value."""
+    try:
+        return population_value(value, "--population")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--storage", required=True, help="Optuna storage: journal file path or postgresql://...")
@@ -313,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", required=True, help="MLflow tracking server URL")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this worker")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to the sampler seed (one per worker)")
-    ap.add_argument("--population", type=lambda v: population_value(v, "--population"), default=None,
+    ap.add_argument("--population", type=population_arg, default=None,
                     help="trials trained together as one population, or auto: the fastest K measured on this "
                          "machine (default: the sweep's own)")
     ap.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
