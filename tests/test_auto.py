@@ -39,8 +39,9 @@ def test_auto_picks_a_candidate_from_a_real_probe_and_reuses_it(cache: Path, dm)
     cfg = make_cfg(*SMALL, "optimizer=momentum")
     k, record = auto.choose(cfg, dm, CANDIDATES)
     assert k in CANDIDATES and not record["cached"]
-    assert sorted(int(c) for c in record["rates"]) == list(CANDIDATES)  # K=1 was measured too
-    assert all(r > 0 for r in record["rates"].values())
+    assert sorted(int(c) for c in record["steps"]) == list(CANDIDATES)  # every candidate's steps, K=1 included
+    assert "1" in record["rates"] and len(record["rates"]) == 2  # K=1 and the shortlisted population as whole trials
+    assert all(r > 0 for r in [*record["rates"].values(), *record["steps"].values()])
     assert k == auto.best_k({int(c): r for c, r in record["rates"].items()})
     stored = json.loads(cache.read_text())
     assert len(stored) == 1 and next(iter(stored.values()))["k"] == k

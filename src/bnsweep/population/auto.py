@@ -17,6 +17,9 @@ so a sweep's workers probe once per machine, not once per trial.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,8 +27,9 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -36,9 +40,10 @@ from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import check
 from bnsweep.population.layers import StackedNet
-from bnsweep.population.loop import device_of, eval_chunk
+from bnsweep.population.loop import device_of, eval_chunk, run_population
 from bnsweep.population.optim import StackedOptimizer
 from bnsweep.training.data import InMemoryDataModule
+from bnsweep.training.run import run_training
 
 log = logging.getLogger("bnsweep.population")
 
@@ -46,8 +51,10 @@ CPU_CANDIDATES = (1, 2, 4, 8, 16, 32)
 GPU_CANDIDATES = (1, 8, 32, 64, 128)
 MARGIN = 1.10  # a population must predict 10% more trials/hour than K=1 to be chosen
 PROBE_STEPS = 10  # timed training steps per candidate and round (after 3 warm-up steps)
-PROBE_ROUNDS = 3  # interleaved rounds over the candidates
-CACHE_VERSION = 1
+PROBE_ROUNDS = 3  # interleaved rounds over the candidates (step times), 2 for the whole-trial slices
+SLICE_STEPS = 32  # training steps of the real whole trials timed for K=1 and the shortlisted populations
+SHORTLIST = 1  # populations (the fastest by step time) timed as whole trials against K=1
+CACHE_VERSION = 2
 
 
 def cache_path() -> Path:
@@ -63,12 +70,23 @@ def machine_key(device: torch.device) -> str:
                      torch.__version__, gpu])
 
 
-def shape_key(cfg: DictConfig, in_shape: Sequence[int], batch_size: int, candidates: Sequence[int]) -> str:
-    """The model, input shape, batch size, optimizer kind and candidates: what the probe's answer depends on."""
+def layer_shapes(cfg: DictConfig, dm: InMemoryDataModule) -> list:
+    """The model's weighted layers and their shapes: what its cost depends on (not its activations or init)."""
+    model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
+    return [(type(m).__name__, [list(p.shape) for p in m.parameters(recurse=False)]) for m in model.modules()
+            if any(True for _ in m.parameters(recurse=False))]
+
+
+def shape_key(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int]) -> str:
+    """What the probe's answer depends on: the weighted layers, input shape, data sizes, batch size, epochs,
+    optimizer (not its learning rate), the end-of-trial evaluations, and the candidates."""
     opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
     opt = {k: v for k, v in opt.items() if k != "lr"}
-    what = {"model": OmegaConf.to_container(cfg.model, resolve=True), "in": list(in_shape), "batch": batch_size,
-            "optimizer": opt, "candidates": list(candidates), "v": CACHE_VERSION}
+    sizes = {k: len(v) for k, v in dm.tensors.items() if k.endswith("_x")}
+    what = {"layers": layer_shapes(cfg, dm), "in": list(dm.in_shape), "sizes": sizes,
+            "batch": dm.batch_size, "epochs": int(cfg.trainer.max_epochs), "optimizer": opt,
+            "eval": [str(cfg.train.get(k)) for k in ("eval_batch_sizes", "precise_bn")],
+            "candidates": list(candidates), "v": CACHE_VERSION}
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -138,25 +156,56 @@ class Candidate:
         return best / len(self.eval_x)
 
 
-def predict(step_s: float, eval_s_per_input: float, k: int, dm: InMemoryDataModule) -> float:
-    """Trials/hour of K members from the probe: an epoch's steps plus its validation pass."""
-    n_train, n_val = len(dm.tensors["train_x"]), len(dm.tensors["val_x"])
-    epoch_s = math.ceil(n_train / dm.batch_size) * step_s + n_val * eval_s_per_input
-    return k / epoch_s * 3600
+def slice_trial_s(cfg: DictConfig, dm: InMemoryDataModule, k: int, steps: int) -> float:
+    """Wall seconds of a real one-epoch trial on the first ``steps`` batches: K=1 through ``run_training`` (Lightning,
+    as a sweep trial), K>1 through ``run_population``; set-up, validation, test and precise BN included."""
+    view = copy.copy(dm)  # the same tensors, a shorter training set
+    n = steps * dm.batch_size
+    view.tensors = {**dm.tensors, "train_x": dm.tensors["train_x"][:n], "train_y": dm.tensors["train_y"][:n]}
+    with tempfile.TemporaryDirectory() as store:
+        one = cfg.copy()
+        for key, value in (("trainer.max_epochs", 1), ("tracking.store_dir", store), ("train.target_acc", 1.0)):
+            OmegaConf.update(one, key, value, merge=False)
+        start = time.perf_counter()
+        if k == 1:
+            run_training(one, datamodule=view, track=False)
+        else:
+            run_population([one] * k, datamodule=view, track=False)
+        return time.perf_counter() - start
+
+
+def predict(k: int, slice_s: float, slice_steps: int, step_s: float, eval_s_per_input: float, epochs: int,
+            dm: InMemoryDataModule) -> float:
+    """Trials/hour of K members: the timed slice (a whole short trial) plus the steps and validations it lacked."""
+    steps = epochs * math.ceil(len(dm.tensors["train_x"]) / dm.batch_size) - slice_steps
+    trial_s = slice_s + steps * step_s + (epochs - 1) * len(dm.tensors["val_x"]) * eval_s_per_input
+    return k / trial_s * 3600
 
 
 def probe(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int], device: torch.device,
-          steps: int = PROBE_STEPS, rounds: int = PROBE_ROUNDS) -> dict[int, float]:
-    """Predicted trials/hour per candidate K, measured now in interleaved rounds (a busy moment hits all K
-    alike; each K keeps its best round)."""
+          steps: int = PROBE_STEPS, rounds: int = PROBE_ROUNDS) -> tuple[dict[int, float], dict[int, float]]:
+    """(steps only, whole trial): predicted trials/hour per candidate K.
+
+    First every candidate's training step, in interleaved rounds (a busy moment hits all K alike; each K
+    keeps its best round); then K=1 and the ``SHORTLIST`` fastest populations as real short trials, which
+    adds what a trial costs besides its steps (set-up, Lightning, evaluation; populations share it).
+    """
     pool = {k: Candidate(cfg, dm, k, device) for k in sorted(set(candidates) | {1})}
     for c in pool.values():
         c.step_s(3)  # warm-up: lazy optimizer state, allocator, kernels
-    best = dict.fromkeys(pool, math.inf)
+    step = dict.fromkeys(pool, math.inf)
     for _ in range(rounds):
         for k, c in pool.items():
-            best[k] = min(best[k], c.step_s(steps))
-    return {k: predict(best[k], c.eval_s_per_input(), k, dm) for k, c in pool.items()}
+            step[k] = min(step[k], c.step_s(steps))
+    evals = {k: c.eval_s_per_input() for k, c in pool.items()}
+    epochs = int(cfg.trainer.max_epochs)
+    steps_only = {k: predict(k, 0.0, 0, step[k], evals[k], epochs, dm)  for k in pool}
+    short = sorted((k for k in pool if k > 1), key=steps_only.__getitem__, reverse=True)[:SHORTLIST]
+    n = min(SLICE_STEPS, math.ceil(len(dm.tensors["train_x"]) / dm.batch_size))
+    slice_trial_s(cfg, dm, 1, 1)  # warm-up: a process's first trial pays one-time costs (Lightning, MLflow imports)
+    slices = {k: slice_trial_s(cfg, dm, k, n) for k in [1, *short]}
+    whole = {k: predict(k, slices[k], n, step[k], evals[k], epochs, dm) for k in slices}
+    return steps_only, whole
 
 
 def best_k(rates: dict[int, float], margin: float = MARGIN) -> int:
@@ -195,24 +244,48 @@ def choose(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int] | 
     except ConfigError as e:
         return 1, {"reason": str(e)}
     device = device_of(cfg)
+    if cfg.get("threads"):  # the trials' own threads, as training sets them (training.run.prepare)
+        torch.set_num_threads(int(cfg.threads))
     candidates = tuple(candidates or candidates_for(device))
     path = cache_path()
-    key = f"{machine_key(device)}|{shape_key(cfg, dm.in_shape, dm.batch_size, candidates)}"
-    entries = _load(path)
-    record = entries.get(key)
-    if record is None:
-        if dm.tensors["train_x"].device != device:
-            dm.tensors = {n: v.to(device) for n, v in dm.tensors.items()}
-        started = time.perf_counter()
-        rates = probe(cfg, dm, candidates, device)
-        record = {"rates": {str(k): r for k, r in rates.items()}, "k": best_k(rates),
-                  "probe_s": time.perf_counter() - started, "at": time.time()}
-        entries = _load(path) | {key: record}
-        _save(path, entries)
-        log.info("population=auto: probed K in %s on %s in %.1f s: %s -> K=%d", list(rates), device,
-                 record["probe_s"], ", ".join(f"K={k}: {r:.0f}/h" for k, r in rates.items()), record["k"])
-        record = {**record, "cached": False}
-    else:
-        record = {**record, "cached": True}
+    key = f"{machine_key(device)}|{shape_key(cfg, dm, candidates)}"
+    with _locked(path):  # one worker probes; the others wait and read its answer (and do not slow its timing)
+        record = _load(path).get(key)
+        if record is None:
+            record = _probe_and_store(cfg, dm, candidates, device, path, key)
+        else:
+            record = {**record, "cached": True}
     k = int(record["k"])
     return (min(k, limit) if limit else k), record
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock beside the cache file (none where the folder cannot be written)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_suffix(".lock"), "a")  # noqa: SIM115 (held for the block)
+    except OSError:
+        yield
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _probe_and_store(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int], device: torch.device,
+                     path: Path, key: str) -> dict:
+    """Probe now and add the answer to the cache (the caller holds the lock)."""
+    if dm.tensors["train_x"].device != device:
+        dm.tensors = {n: v.to(device) for n, v in dm.tensors.items()}
+    started = time.perf_counter()
+    steps, rates = probe(cfg, dm, candidates, device)
+    record = {"rates": {str(k): r for k, r in rates.items()}, "steps": {str(k): r for k, r in steps.items()},
+              "k": best_k(rates), "probe_s": time.perf_counter() - started, "at": time.time()}
+    _save(path, _load(path) | {key: record})
+    log.info("population=auto: probed K in %s on %s in %.1f s: %s -> K=%d", list(steps), device, record["probe_s"],
+             ", ".join(f"K={k}: {r:.0f}/h" for k, r in rates.items()), record["k"])
+    return {**record, "cached": False}
