@@ -53,8 +53,9 @@ MARGIN = 1.10  # a population must predict 10% more trials/hour than K=1 to be c
 PROBE_STEPS = 10  # timed training steps per candidate and round (after 3 warm-up steps)
 PROBE_ROUNDS = 3  # interleaved rounds over the candidates (step times), 2 for the whole-trial slices
 SLICE_STEPS = 32  # training steps of the real whole trials timed for K=1 and the shortlisted populations
+EVAL_SLICE = 1000  # validation and test inputs of those short trials
 SHORTLIST = 1  # populations (the fastest by step time) timed as whole trials against K=1
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def cache_path() -> Path:
@@ -159,9 +160,9 @@ class Candidate:
 def slice_trial_s(cfg: DictConfig, dm: InMemoryDataModule, k: int, steps: int) -> float:
     """Wall seconds of a real one-epoch trial on the first ``steps`` batches: K=1 through ``run_training`` (Lightning,
     as a sweep trial), K>1 through ``run_population``; set-up, validation, test and precise BN included."""
-    view = copy.copy(dm)  # the same tensors, a shorter training set
-    n = steps * dm.batch_size
-    view.tensors = {**dm.tensors, "train_x": dm.tensors["train_x"][:n], "train_y": dm.tensors["train_y"][:n]}
+    view = copy.copy(dm)  # the same tensors, shorter: the rest is extrapolated (``predict``)
+    n = {"train": steps * dm.batch_size, "val": EVAL_SLICE, "test": EVAL_SLICE}
+    view.tensors = {name: t[: n[name.split("_")[0]]] for name, t in dm.tensors.items()}
     with tempfile.TemporaryDirectory() as store:
         one = cfg.copy()
         for key, value in (("trainer.max_epochs", 1), ("tracking.store_dir", store), ("train.target_acc", 1.0)):
@@ -174,12 +175,32 @@ def slice_trial_s(cfg: DictConfig, dm: InMemoryDataModule, k: int, steps: int) -
         return time.perf_counter() - start
 
 
-def predict(k: int, slice_s: float, slice_steps: int, step_s: float, eval_s_per_input: float, epochs: int,
+def eval_inputs(cfg: DictConfig, n_train: int, n_val: int, n_test: int) -> int:
+    """Inputs a trial evaluates: validation each epoch, the test set (running, precise BN, each small batch size)
+    and precise BN's pass over the training set."""
+    precise = bool(cfg.train.get("precise_bn", True))
+    tests = 1 + precise + len(cfg.train.get("eval_batch_sizes") or ())
+    return int(cfg.trainer.max_epochs) * n_val + tests * n_test + precise * n_train
+
+
+def predict(cfg: DictConfig, k: int, slice_s: float, slice_steps: int, step_s: float, eval_s_per_input: float,
             dm: InMemoryDataModule) -> float:
-    """Trials/hour of K members: the timed slice (a whole short trial) plus the steps and validations it lacked."""
-    steps = epochs * math.ceil(len(dm.tensors["train_x"]) / dm.batch_size) - slice_steps
-    trial_s = slice_s + steps * step_s + (epochs - 1) * len(dm.tensors["val_x"]) * eval_s_per_input
+    """Trials/hour of K members: the timed slice (a whole short trial) plus the steps and evaluations it lacked."""
+    t = {name: len(v) for name, v in dm.tensors.items()}
+    steps = int(cfg.trainer.max_epochs) * math.ceil(t["train_x"] / dm.batch_size) - slice_steps
+    done = 0
+    if slice_steps:
+        done = eval_inputs(_one_epoch(cfg), min(slice_steps * dm.batch_size, t["train_x"]),
+                           min(EVAL_SLICE, t["val_x"]), min(EVAL_SLICE, t["test_x"]))
+    evals = eval_inputs(cfg, t["train_x"], t["val_x"], t["test_x"]) - done
+    trial_s = slice_s + steps * step_s + evals * eval_s_per_input
     return k / trial_s * 3600
+
+
+def _one_epoch(cfg: DictConfig) -> DictConfig:
+    one = cfg.copy()
+    OmegaConf.update(one, "trainer.max_epochs", 1, merge=False)
+    return one
 
 
 def probe(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int], device: torch.device,
@@ -198,13 +219,12 @@ def probe(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int], de
         for k, c in pool.items():
             step[k] = min(step[k], c.step_s(steps))
     evals = {k: c.eval_s_per_input() for k, c in pool.items()}
-    epochs = int(cfg.trainer.max_epochs)
-    steps_only = {k: predict(k, 0.0, 0, step[k], evals[k], epochs, dm)  for k in pool}
+    steps_only = {k: predict(cfg, k, 0.0, 0, step[k], evals[k], dm) for k in pool}
     short = sorted((k for k in pool if k > 1), key=steps_only.__getitem__, reverse=True)[:SHORTLIST]
     n = min(SLICE_STEPS, math.ceil(len(dm.tensors["train_x"]) / dm.batch_size))
     slice_trial_s(cfg, dm, 1, 1)  # warm-up: a process's first trial pays one-time costs (Lightning, MLflow imports)
     slices = {k: slice_trial_s(cfg, dm, k, n) for k in [1, *short]}
-    whole = {k: predict(k, slices[k], n, step[k], evals[k], epochs, dm) for k in slices}
+    whole = {k: predict(cfg, k, slices[k], n, step[k], evals[k], dm) for k in slices}
     return steps_only, whole
 
 
