@@ -42,5 +42,5 @@ def test_peers_section_prints_both_peers_and_our_ratio(keras: str, monkeypatch: 
     assert ratio(out.stdout, "ratio bnsweep / canonical Lightning") > 0
     assert ratio(out.stdout, "ratio bnsweep / Optuna+Lightning+MLflow") > 0
     assert re.search(r"Optuna study.optimize\(n_jobs=2\) \+ MLflow fluent\s+\d+ trials/hour", out.stdout)
-    skipped = "make bench-peers" if keras == "unset" else "the Keras run failed"
+    skipped = "run `make bench-peers`" if keras == "unset" else "the Keras run failed"
     assert f"seeds' Keras code: skipped ({skipped}" in out.stdout
