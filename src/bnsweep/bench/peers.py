@@ -121,6 +121,7 @@ def one_trial(epochs: int, limit_train: int | None, root_override: str | None = 
     with tempfile.TemporaryDirectory() as store:
         cfg = compose("train", ["experiment=seed001_bn", f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu",
                                 f"tracking.store_dir={store}", "tracking.uri=null",
+                                "train.eval_batch_sizes=[]",  # as a sweep trial; precise BN stays (the peer has none)
                                 f"data.limit_train={limit_train if limit_train else 'null'}"])
         root = root_override or torchvision_root(cfg)
         if root is None:
@@ -218,7 +219,7 @@ def report(epochs: int, n_trials: int, workers: int = 2, limit_train: int | None
         print(f"  canonical Lightning + torchvision DataLoader  {3600 / one['peer']:8.0f} trials/hour   "
               f"({one['peer']:.1f} s per {epochs}-epoch trial incl. test)")
         print(f"  bnsweep full stack (run_training)             {3600 / one['ours']:8.0f} trials/hour   "
-              f"({one['ours']:.1f} s incl. set-up, test, MLflow)")
+              f"({one['ours']:.1f} s incl. set-up, test, precise BN, MLflow)")
         print(f"  ratio bnsweep / canonical Lightning           {one['peer'] / one['ours']:8.2f}x")
         k = keras(epochs, limit_train, one["root"])
         if isinstance(k, str):
