@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup sweep sweep-slurm report claims train test test-cluster bench ui optuna-ui down lint clean chromium
+.PHONY: setup sweep sweep-slurm report claims train test test-cluster bench bench-peers ui optuna-ui down lint clean chromium
 
 setup: $(STAMP)
 
@@ -53,6 +53,15 @@ test-cluster: $(STAMP)  ## the SLURM + PostgreSQL tests (tests/cluster), against
 
 bench: $(STAMP)  ## side-by-side speed ratios; numbers go into the issue notes
 	$(BNSWEEP) bench $(ARGS)
+
+KERAS_VENV ?= .venv-keras
+bench-peers: $(STAMP)  ## bench's peers section plus the seeds' own Keras code (TensorFlow in its own venv, if it installs)
+	@if [ ! -x $(KERAS_VENV)/bin/python ]; then \
+	  python3 -m venv $(KERAS_VENV) && $(KERAS_VENV)/bin/pip install -q tensorflow-cpu numpy >$(KERAS_VENV).log 2>&1 \
+	  || { rm -rf $(KERAS_VENV); echo "TensorFlow could not be installed: see $(KERAS_VENV).log"; }; fi; \
+	if [ -x $(KERAS_VENV)/bin/python ]; then export BNSWEEP_KERAS_PYTHON=$(abspath $(KERAS_VENV))/bin/python; \
+	else export BNSWEEP_KERAS_SKIP="TensorFlow could not be installed here: see $(KERAS_VENV).log"; fi; \
+	$(BNSWEEP) bench --only peers $(ARGS)
 
 ui: $(STAMP)  ## the MLflow dashboard over mlruns/ (starts the local server, or finds it running); links each sweep's runs table
 	$(BNSWEEP) ui $(ARGS)

@@ -24,7 +24,7 @@ SMALL = ("data.limit_train=600", "data.val_size=500", "data.eval_batch_size=250"
          "trainer.accelerator=cpu", "train.eval_batch_sizes=[]", "model.hidden=[32,16]", "threads=1")
 EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc")
 FINAL = ("best_val_acc", "epochs_to_converge", "converged", "test_acc", "test_loss", "test_acc_precise",
-         "params_trainable", "params_non_trainable")
+         "params_trainable", "params_non_trainable", "test_acc_batch1", "test_acc_batch8", "test_loss_batch8")
 
 
 def configs(tmp_path: Path, members: list[tuple[float, int]], *extra: str) -> list:
@@ -61,13 +61,15 @@ CASES = {
     "none-sgd-shared": ([(0.05, 0), (0.2, 0)], ["model.bn.placement=none", "optimizer=sgd"]),
     "before_act-momentum": ([(0.05, 0), (0.2, 0), (0.05, 1)], ["model.bn.placement=before_act", "optimizer=momentum"]),
     "after_act-input-nesterov": ([(0.05, 0), (0.1, 2)], ["model.bn.placement=after_act", "model.bn.input=true",
-                                                        "model.activation=sigmoid", "optimizer=nesterov"]),
+                                                        "model.activation=sigmoid", "optimizer=nesterov",
+                                                        "train.eval_batch_sizes=[1,8]"]),  # batched for all members
     "before_act-adam-shared": ([(1e-3, 0), (3e-3, 0), (1e-2, 0)], ["model.bn.placement=before_act", "optimizer=adam",
                                                                     "optimizer.weight_decay=1e-4"]),
     "after_act-input-rmsprop": ([(1e-3, 0), (3e-3, 1)], ["model.bn.placement=after_act", "model.bn.input=true",
                                                          "optimizer=rmsprop", "optimizer.momentum=0.5"]),
     "cnn-before_act-sgd": ([(0.05, 0), (0.1, 1)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
-                                                   "model.bn.placement=before_act", "trainer.max_epochs=1"]),
+                                                   "model.bn.placement=before_act", "trainer.max_epochs=1",
+                                                   "train.eval_batch_sizes=[1,8]"]),
 }
 
 
@@ -80,6 +82,7 @@ def test_each_member_equals_its_single_run(case: str, tmp_path: Path, dm) -> Non
         single = alone(cfg, dm)
         assert single.outcome == "completed" and member.metrics["runtime_s"] > 0
         assert_same(member, single, tol=1e-3 if case.startswith("cnn") else 1e-4)
+        assert {k for k in single.metrics if "_batch" in k} == {k for k in member.metrics if "_batch" in k}
     assert population[0].history != population[1].history  # the members did train differently
 
 

@@ -21,9 +21,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bnsweep.bench.peak import at_peak, epoch_flops, matmul_peak
 from bnsweep.config import compose, instantiate
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import quiet_lightning, run_training
+
+SECTIONS = ["training", "sweep", "latency", "population", "peers"]
+QUICK_TRAIN = 2000  # --quick: training images per run
+MNIST_TRAIN = 60000  # the tiny sweep's training set before the validation split
 
 
 def bare_epochs(dm: InMemoryDataModule, cfg, epochs: int) -> list[float]:
@@ -55,12 +60,12 @@ def bare_epochs(dm: InMemoryDataModule, cfg, epochs: int) -> list[float]:
     return times
 
 
-def bench_training(epochs: int) -> dict[str, float]:
+def bench_training(epochs: int, limit_train: int | None = None) -> dict[str, float]:
     quiet_lightning()
     with tempfile.TemporaryDirectory() as store:
         cfg = compose("train", ["experiment=seed001_bn", f"trainer.max_epochs={epochs}",
                                           "trainer.accelerator=cpu", f"tracking.store_dir={store}",
-                                          "tracking.uri=null"])
+                                          "tracking.uri=null", f"data.limit_train={limit_train or 'null'}"])
         dm = instantiate(cfg.data)
         dm.setup()
         bare = bare_epochs(dm, cfg, epochs)
@@ -68,19 +73,22 @@ def bench_training(epochs: int) -> dict[str, float]:
         full = run_training(cfg, datamodule=dm)
         full_wall = time.perf_counter() - start
         bare += bare_epochs(dm, cfg, epochs)  # bracket the full stack: drift hits both sides
+        model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
+        flops = epoch_flops(model, len(dm.tensors["train_x"]), len(dm.tensors["val_x"]))
     full_epochs = [r["epoch_time_s"] for r in full.history]
     return {"bare": statistics.median(bare), "full": statistics.median(full_epochs),
-            "full_wall": full_wall / epochs, "val_acc": full.history[-1]["val_acc"]}
+            "full_wall": full_wall / epochs, "val_acc": full.history[-1]["val_acc"], "flops": flops}
 
 
-def bench_sweep(workers: int, n_trials: int, uri: str, store: str, rep: int = 0) -> dict[str, float]:
+def bench_sweep(workers: int, n_trials: int, uri: str, store: str, rep: int = 0, epochs: int = 1,
+                limit_train: int | None = None) -> dict[str, float]:
     """The tiny sweep's 2 cells, 1 epoch on the full 55k MNIST, fresh studies, run by ``workers`` processes."""
     from bnsweep.sweep.driver import open_sweep
 
     cfg = compose("run_sweep", [
-        "sweep=tiny", f"sweep.name=bench_w{workers}_r{rep}", f"sweep.n_trials={n_trials}", "sweep.epochs=1",
+        "sweep=tiny", f"sweep.name=bench_w{workers}_r{rep}", f"sweep.n_trials={n_trials}", f"sweep.epochs={epochs}",
         "sweep.repeats=0",  # LR-search trials only: what the trials/hour figures have always meant
-        'overrides=["data.limit_train=null"]', f"workers={workers}", f"tracking.uri={uri}",
+        f'overrides=["data.limit_train={limit_train or "null"}"]', f"workers={workers}", f"tracking.uri={uri}",
         f"tracking.store_dir={store}"])
     sweep = open_sweep(cfg)
     sweep.prepare()
@@ -88,11 +96,20 @@ def bench_sweep(workers: int, n_trials: int, uri: str, store: str, rep: int = 0)
     wall = sweep.run_workers(workers, quiet=True)
     t = sweep.timing()
     n = t["trials"]
-    return {"trials": n, "wall": wall, "per_hour": n / wall * 3600,
+    return {"trials": n, "wall": wall, "per_hour": n / wall * 3600, "flops": trial_flops(sweep.spec, cfg.overrides),
             "per_hour_steady": n / (t["busy_s"] / workers) * 3600,
             "overhead": (workers * wall - t["fit_s"] - t["eval_s"]) / n, "eval": t["eval_s"] / n,
             "steady": (t["busy_s"] - t["fit_s"] - t["eval_s"]) / n,
             "startup": (workers * wall - t["busy_s"]) / workers}
+
+
+def trial_flops(spec, overrides) -> float:
+    """A sweep trial's matmul FLOPs: its epochs of training and validation, then the test set (first cell's model)."""
+    cfg = compose("train", [*spec.cells()[0].overrides, *overrides])
+    dm = instantiate(cfg.data)
+    n_train = int(cfg.data.limit_train or MNIST_TRAIN - int(cfg.data.val_size))
+    model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
+    return spec.epochs * epoch_flops(model, n_train, int(cfg.data.val_size)) + epoch_flops(model, 0, 10000)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,29 +117,43 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measured run")
     ap.add_argument("--trials", type=int, default=6, help="trials per cell in the sweep benchmark (2 cells)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-worker sweep pairs")
-    ap.add_argument("--only", choices=["training", "sweep", "latency", "population"], default=None)
+    ap.add_argument("--only", choices=SECTIONS, default=None)
     ap.add_argument("--sizes", default=None, help="population sizes, e.g. 1,8,32 (default; 1,8,32,128 on a GPU)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the population sizes")
     ap.add_argument("--pop-epochs", type=int, default=1, help="epochs per trial in the population bench")
     ap.add_argument("--cpu", action="store_true", help="population bench on the CPU even when a GPU is there")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a smoke run of every section at minimal sizes ({QUICK_TRAIN} training images; "
+                         "the ratios mean little)")
     args = ap.parse_args(argv)
-    print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
+    limit = QUICK_TRAIN if args.quick else None
+    if args.quick:
+        args.epochs, args.trials, args.repeats, args.rounds, args.pop_epochs = 1, 2, 1, 1, 1
+        args.sizes = args.sizes or "1,2"
+    gpu = "" if args.cpu or not torch.cuda.is_available() else f", GPU {torch.cuda.get_device_name()}"
+    print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU{gpu}; "
+          f"matmul peak {matmul_peak(torch.device('cpu'), torch.get_num_threads()) / 1e9:.1f} GFLOP/s on "
+          f"{torch.get_num_threads()} threads, {matmul_peak(torch.device('cpu'), 1) / 1e9:.1f} on 1")
     if args.only in (None, "training"):
-        report_training(args.epochs)
+        report_training(args.epochs, limit)
     if args.only in (None, "sweep"):
-        report_sweep(args.trials, args.repeats)
+        report_sweep(args.trials, args.repeats, limit)
     if args.only in (None, "latency"):
         from bnsweep.bench.latency import report as report_latency
 
-        report_latency()
+        report_latency(0.3 if args.quick else 3.0)
     if args.only in (None, "population"):
         from bnsweep.bench.population import report as report_population
 
         sizes = [int(k) for k in args.sizes.split(",")] if args.sizes else None
-        report_population(args.pop_epochs, sizes, args.rounds, gpu=not args.cpu)
+        report_population(args.pop_epochs, sizes, args.rounds, gpu=not args.cpu, limit_train=limit)
+    if args.only in (None, "peers"):
+        from bnsweep.bench.peers import report as report_peers
+
+        report_peers(args.epochs, args.trials, limit_train=limit)
 
 
-def report_sweep(trials: int, repeats: int) -> None:
+def report_sweep(trials: int, repeats: int, limit_train: int | None = None) -> None:
     from bnsweep.sweep.launch_local import start_preloading
     from bnsweep.tracking.server import MlflowServer
 
@@ -131,10 +162,12 @@ def report_sweep(trials: int, repeats: int) -> None:
         server = MlflowServer(store)
         uri = server.start()
         try:  # alternate 1 and 2 workers: the machine's drift hits both sides
-            pairs = [tuple(bench_sweep(w, trials, uri, store, rep) for w in (1, 2)) for rep in range(repeats)]
+            pairs = [tuple(bench_sweep(w, trials, uri, store, rep, limit_train=limit_train) for w in (1, 2))
+                     for rep in range(repeats)]
         finally:
             server.stop()
-    print(f"\n[sweep] sweeps/tiny: 2 cells x {trials} trials, 1 epoch on 55k MNIST images, 1 thread per worker,"
+    print(f"\n[sweep] sweeps/tiny: 2 cells x {trials} trials, 1 epoch on {limit_train or '55k'} MNIST images, "
+          "1 thread per worker,"
           f" MLflow server, journal storage; {repeats} alternating repeats")
     for one, two in pairs:
         for w, r in ((1, one), (2, two)):
@@ -154,14 +187,19 @@ def report_sweep(trials: int, repeats: int) -> None:
           f"start-up (bar: <= 0.30; each repeat: {', '.join(f'{o:.2f}' for o in overhead)})")
     print(f"  wall - fit, 1 worker (adds test evaluation) {statistics.median(with_eval):6.2f} s/trial   "
           f"(each repeat: {', '.join(f'{o:.2f}' for o in with_eval)})")
+    flops = pairs[0][0]["flops"]
+    wall = statistics.median(3600 / one["per_hour"] for one, _ in pairs)
+    print(f"  1 worker, whole trial (1 thread)           {wall:7.2f} s/trial   "
+          f"{at_peak(flops, wall, matmul_peak(torch.device('cpu'), 1))}")
 
 
-def report_training(epochs: int) -> None:
-    r = bench_training(epochs)
-    print(f"\n[training] experiment=seed001_bn, MNIST 55k, batch 32, median s/epoch of {epochs}"
+def report_training(epochs: int, limit_train: int | None = None) -> None:
+    r = bench_training(epochs, limit_train)
+    peak = matmul_peak(torch.device("cpu"), torch.get_num_threads())
+    print(f"\n[training] experiment=seed001_bn, MNIST {limit_train or '55k'}, batch 32, median s/epoch of {epochs}"
           " (bare loop: median of two brackets around the full stack)")
-    print(f"  bare PyTorch loop, same tensors        {r['bare']:7.2f} s/epoch")
-    print(f"  full stack (Lightning+Hydra+MLflow)    {r['full']:7.2f} s/epoch")
+    print(f"  bare PyTorch loop, same tensors        {r['bare']:7.2f} s/epoch   {at_peak(r['flops'], r['bare'], peak)}")
+    print(f"  full stack (Lightning+Hydra+MLflow)    {r['full']:7.2f} s/epoch   {at_peak(r['flops'], r['full'], peak)}")
     print(f"  full stack incl. setup, test, logging  {r['full_wall']:7.2f} s/epoch")
     print(f"  ratio full / bare                      {r['full'] / r['bare']:7.2f}x   (bar: <= 1.20)")
 

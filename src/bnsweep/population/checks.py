@@ -7,6 +7,21 @@ from omegaconf import DictConfig, OmegaConf
 from bnsweep.errors import ConfigError
 from bnsweep.population.optim import check_options
 
+AUTO = "auto"  # population=auto: each worker measures the fastest K on its machine (population/auto.py)
+
+
+def population_value(value: str | int | None, key: str = "population") -> int | str | None:
+    """A population size from the command line or a config: an integer >= 1, ``auto`` or None."""
+    if value is None or value == AUTO:
+        return value
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = 0
+    if k < 1 or str(k) != str(value).strip():
+        raise ConfigError(f"{key}={value!r} is not allowed; it must be an integer >= 1 or auto")
+    return k
+
 
 def check(cfg: DictConfig) -> None:
     """ConfigError (one line) if this run's config cannot be trained as a population member."""

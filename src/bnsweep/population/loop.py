@@ -14,11 +14,13 @@ wall time (split evenly among the members training at that moment), i.e. what it
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import optuna
@@ -29,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import check
-from bnsweep.population.layers import WALK, StackedNet
+from bnsweep.population.layers import WALK, StackedBatchNorm, StackedNet
 from bnsweep.population.optim import StackedOptimizer
 from bnsweep.tracking.runs import RunTracker, flatten
 from bnsweep.training import bn_eval
@@ -141,6 +143,44 @@ def eval_chunk(chunk: int, k: int) -> int:
     return max(64, chunk // k)
 
 
+class StackedGroupStatsBN(torch.nn.Module):
+    """A stacked BN normalizing each group of ``size`` inputs by the group's own statistics, per member:
+    ``bn_eval``'s small-batch evaluation (c) for all members in one pass."""
+
+    def __init__(self, bn: StackedBatchNorm, size: int) -> None:
+        super().__init__()
+        self.bn = bn
+        flat = SimpleNamespace(eps=bn.eps, weight=bn.weight.view(-1), bias=bn.bias.view(-1))
+        self.group = bn_eval._GroupStatsBN(flat, size)  # K*C channels: statistics per member (its private helper)
+
+    def forward(self, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, str]:
+        k, c = self.bn.weight.shape
+        y = self.group(self.bn.channels(x, layout))
+        if self.bn.spatial:
+            return y, "channels"
+        return y.view(len(y), k, c).transpose(0, 1).contiguous(), "features"
+
+
+def small_batch_metrics(net: StackedNet, x: torch.Tensor, y: torch.Tensor, sizes: Sequence[int],
+                        chunk: int) -> list[dict[str, float]]:
+    """``test_{loss,acc}_batch{size}`` per member: every member at once (a single run: ``bn_eval.eval_modes``).
+
+    Calls hold a multiple of every size, so groups are the same consecutive test inputs as a single run's.
+    """
+    out: list[dict[str, float]] = [{} for _ in range(net.k)]
+    if not sizes:
+        return out
+    step = math.lcm(eval_chunk(chunk, net.k), *sizes)
+    for size in sizes:
+        grouped = copy.deepcopy(net)
+        grouped.layers = torch.nn.ModuleList(StackedGroupStatsBN(m, size) if isinstance(m, StackedBatchNorm) else m
+                                             for m in grouped.layers)
+        rows = bn_eval.evaluate(grouped, zip(x.split(step), y.split(step), strict=True), torch.float64)
+        for member, (loss, acc) in zip(out, rows, strict=True):
+            member[f"test_loss_batch{size}"], member[f"test_acc_batch{size}"] = loss, acc
+    return out
+
+
 def evaluate(net: StackedNet, x: torch.Tensor, y: torch.Tensor, chunk: int) -> list[tuple[float, float]]:
     """(mean loss, accuracy) per member in eval mode (BN running statistics), ``chunk`` inputs per call.
 
@@ -192,12 +232,18 @@ class Population:
         return keep
 
     def finish(self, m: Member, outcome: str, test: tuple[float, float] | None = None,
-               precise: tuple[float, float] | None = None, eval_s: float = 0.0) -> None:
-        """``eval_s``: the member's share of the population's test evaluation (its ``eval_time_s``)."""
+               precise: tuple[float, float] | None = None, eval_s: float = 0.0,
+               small: dict[str, float] | None = None) -> None:
+        """``eval_s``: the member's share of the population's test evaluation (its ``eval_time_s``);
+        ``small``: its small-batch test metrics, measured for all members at once."""
         final = final_metrics(m.cfg, m.history, outcome, m.runtime, self.counts)
         if test is not None:
             started = time.perf_counter()
-            final |= test_metrics(m.cfg, m.model, self.dm, *test, precise=precise)
+            cfg = m.cfg
+            if small is not None:  # measured already: test_metrics must not run them again, one member at a time
+                cfg = m.cfg.copy()
+                OmegaConf.update(cfg, "train.eval_batch_sizes", [], merge=False)
+            final |= test_metrics(cfg, m.model, self.dm, *test, precise=precise) | (small or {})
             final["eval_time_s"] = eval_s + time.perf_counter() - started
         if m.tracker:
             close_tracker(m.tracker, m.cfg, m.model, self.dm, final, outcome, len(m.history))
@@ -262,10 +308,12 @@ class Population:
         if self.members[0].cfg.train.get("precise_bn", True):  # population statistics of all members at once
             net = bn_eval.precise_bn(self.net, t["train_x"], eval_chunk(chunk, self.net.k), walk=WALK)
             precise = evaluate(net, t["test_x"], t["test_y"], chunk)
+        sizes = list(self.members[0].cfg.train.get("eval_batch_sizes") or ())
+        small = small_batch_metrics(self.net, t["test_x"], t["test_y"], sizes, chunk)
         share = (time.perf_counter() - evaluated) / len(self.active)
         for j, m in enumerate(self.active):
             m.model.load_state_dict(self.net.member_state(j))
-            self.finish(m, "completed", test[j], precise[j], share)
+            self.finish(m, "completed", test[j], precise[j], share, small[j])
         self.active = []
 
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import compose
 from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
+from bnsweep.population.checks import AUTO
 from bnsweep.population.checks import check as population_check
 from bnsweep.sweep.basin import LR_KEY
 from bnsweep.sweep.search import BasinSearch, parse_basin
@@ -121,7 +122,7 @@ class SweepSpec:
     target_acc: float = 0.9
     description: str = ""
     repeats: int = 0  # extra seeds at the cell's best LR, once its LR search is done (slots n_trials..)
-    population: int = 1  # trials of a cell trained together as one stacked network (population/loop.py)
+    population: int | str = 1  # trials of a cell trained together (population/loop.py); "auto": measured (auto.py)
     basin: BasinSearch | None = None  # the bracketing LR search (sweep/search.py) instead of the sampler
 
     # ------------------------------------------------------------------ cells
@@ -296,21 +297,23 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
             raise ConfigError(f"sweep cell {cell.name}: {str(e).splitlines()[0]}") from None
         try:
             validate(cfg)
-            if spec.population > 1:
+            if spec.population != AUTO and spec.population > 1:  # auto: a cell that cannot is trained alone
                 population_check(cfg)
         except ConfigError as e:
             raise ConfigError(f"sweep cell {cell.name}: {e}") from None
     return spec
 
 
-def _population(value: Any, params: list[Param]) -> int:
-    """``population``: how many trials of a cell train together (null or 1: one at a time)."""
+def _population(value: Any, params: list[Param]) -> int | str:
+    """``population``: how many trials of a cell train together (null or 1: one at a time; auto: measured)."""
     if value is None:
         return 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"sweep.population={value!r} is not allowed; it must be an integer >= 1 "
-                          "(trials of a cell trained together; 1: one at a time)")
     other = [p.key for p in params if p.key != "optimizer.lr"]
+    if value == AUTO:  # the fastest K on the worker's machine, K=1 included; 1 where members cannot differ
+        return 1 if other else AUTO
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"sweep.population={value!r} is not allowed; it must be an integer >= 1 or auto "
+                          "(trials of a cell trained together; 1: one at a time; auto: the fastest on each worker)")
     if value > 1 and other:
         raise ConfigError(f"sweep.population={value} is not allowed with sweep.search over {', '.join(other)}; "
                           "population members differ only in optimizer.lr (and seed): search only optimizer.lr, "

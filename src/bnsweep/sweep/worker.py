@@ -31,6 +31,9 @@ from optuna_integration import PyTorchLightningPruningCallback
 
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
+from bnsweep.errors import ConfigError
+from bnsweep.population import auto
+from bnsweep.population.checks import AUTO, population_value
 from bnsweep.population.loop import run_population
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.heartbeat import Heartbeat, beating
@@ -46,10 +49,11 @@ log = logging.getLogger("bnsweep.worker")
 
 class Worker:
     def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
-                 seed_offset: int = 0, population: int | None = None, heartbeat_s: int = HEARTBEAT_S,
+                 seed_offset: int = 0, population: int | str | None = None, heartbeat_s: int = HEARTBEAT_S,
                  stale_after_s: float = STALE_AFTER_S, recover: bool = False) -> None:
         self.storage = open_storage(storage_url, heartbeat_s, stale_after_s)
-        self.population = population  # None: each sweep's own (study attribute "population")
+        self.population = population  # None: each sweep's own (study attribute "population"); "auto": measured
+        self.auto_k: dict[str, int] = {}  # population=auto: the probed K per cell
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
         self.seed_offset, self.stale_after_s, self.recover = seed_offset, stale_after_s, recover
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -103,11 +107,24 @@ class Worker:
         if nxt is None:
             return None
         study, trial = nxt
-        k = 1 if self.world > 1 else self.population or int(study.user_attrs.get("population") or 1)  # DDP: one
+        k = 1 if self.world > 1 else self.population_size(study)  # DDP: one
         trials = [trial]
         while len(trials) < min(k, limit or k) and (more := claim(self.storage, study)) is not None:
             trials.append(more)
         return study, trials
+
+    def population_size(self, study: optuna.Study) -> int:
+        """K for this cell: the worker's or the sweep's population; ``auto`` probed once per cell (auto.py)."""
+        value = self.population or study.user_attrs.get("population") or 1
+        if value != AUTO:
+            return int(value)
+        if study.study_name not in self.auto_k:
+            cfg = self.config(study)
+            k, record = auto.choose(cfg, self.datamodule(cfg))
+            log.info("population=auto for %s: K=%d (%s)", study.study_name, k,
+                     "cached probe" if record.get("cached") else record.get("reason", "probed now"))
+            self.auto_k[study.study_name] = k
+        return self.auto_k[study.study_name]
 
     # ------------------------------------------------------------------ one trial's pieces
 
@@ -295,6 +312,14 @@ class Worker:
         return self.done
 
 
+def population_arg(value: str) -> int | str | None:
+    """``--population``: K or auto, with the one-line error of a bad value."""
+    try:
+        return population_value(value, "--population")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--storage", required=True, help="Optuna storage: journal file path or postgresql://...")
@@ -302,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tracking-uri", required=True, help="MLflow tracking server URL")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of this worker")
     ap.add_argument("--seed-offset", type=int, default=0, help="added to the sampler seed (one per worker)")
-    ap.add_argument("--population", type=int, default=None,
-                    help="trials trained together as one population (default: the sweep's own)")
+    ap.add_argument("--population", type=population_arg, default=None,
+                    help="trials trained together as one population, or auto: the fastest K measured on this "
+                         "machine (default: the sweep's own)")
     ap.add_argument("--max-trials", type=int, default=None, help="stop after this many trials")
     ap.add_argument("--heartbeat-s", type=int, default=HEARTBEAT_S,
                     help=f"PostgreSQL: heartbeat interval of a running trial (default: {HEARTBEAT_S})")
