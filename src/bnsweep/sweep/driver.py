@@ -23,6 +23,7 @@ from typing import Any
 
 import hydra
 import optuna
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
@@ -30,14 +31,22 @@ from tqdm import tqdm
 
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import CONF_DIR, worker_count
-from bnsweep.errors import ConfigError, run_app
+from bnsweep.errors import ConfigError, TrackingError, run_app
 from bnsweep.sweep import files, table
 from bnsweep.sweep.definition import SweepSpec, parse
 from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.lock import holding, lock_path, owner
-from bnsweep.sweep.slots import counts, recover_study
+from bnsweep.sweep.slots import counts, live, recover_study, retried, trial_tags
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
-from bnsweep.tracking.runs import RunTracker, artifact_root, get_or_create_experiment, mark_killed, summary_run
+from bnsweep.tracking.runs import (
+    RunTracker,
+    artifact_root,
+    complete_trial_runs,
+    get_or_create_experiment,
+    mark_killed,
+    quick_requests,
+    summary_run,
+)
 from bnsweep.tracking.server import connect
 
 log = logging.getLogger("bnsweep.sweep")
@@ -114,9 +123,28 @@ class Sweep:
         added = 0
         for study in self.studies:
             lost, n = recover_study(self.storage, study, self.stale_after_s)
-            mark_killed(self.client, self.experiment_id, study.study_name, lost)
+            if lost:
+                try:
+                    mark_killed(self.client, self.experiment_id, study.study_name, lost, any_status=True)
+                except Exception as e:  # MLflow away: finish() ends them once it is back
+                    log.warning("MLflow did not answer (%s); the lost trials' runs are ended later", e)
             added += n
         return added
+
+    def complete_runs(self) -> int:
+        """Each finished trial's MLflow run made whole from the storage (see ``complete_trial_runs``):
+        what a worker could not send while MLflow was away or slow is completed here."""
+        changed = 0
+        for study in self.studies:
+            parent = study.user_attrs["mlflow_parent_run_id"]
+            gone = retried(trials := study.get_trials(deepcopy=False))
+            done = [(trial_tags(self.spec.name, study, t) | {"mlflow.parentRunId": parent},
+                     {k: str(v) for k, v in t.params.items()}, t.user_attrs.get("metrics") or {}, "FINISHED")
+                    for t in trials if live(t, gone) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            changed += complete_trial_runs(self.client, self.experiment_id, study.study_name, done)
+        if changed:
+            log.info("completed %d trial run(s) in MLflow from the storage", changed)
+        return changed
 
     def prepare_data(self) -> None:
         """Decode each dataset once here, so parallel workers only read the cache."""
@@ -245,6 +273,15 @@ class Sweep:
 
     def finish(self) -> list[dict]:
         """Summaries on each cell's parent run, the table as CSV/Markdown artifacts and files."""
+        try:
+            return self._finish()
+        except (OSError, MlflowException) as e:  # requests' errors are OSErrors
+            raise TrackingError(
+                f"tracking.uri={self.uri}: MLflow does not answer ({type(e).__name__}); every trial's result "
+                f"is safe in {self.storage_url}: run the same command again once MLflow is back") from None
+
+    def _finish(self) -> list[dict]:
+        self.complete_runs()
         rows = []
         for study in sorted(self.studies, key=lambda s: s.user_attrs.get("order", 0)):
             row = table.cell_row(study, self.spec.target_acc)
@@ -323,12 +360,16 @@ def stop_ignored() -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> list[dict]:
+    quick_requests()
     sweep = open_sweep(cfg)
     lock = lock_path(sweep.store_dir, sweep.spec.name)
     if cfg.action != "run" and (who := owner(lock)):
         return sweep.snapshot(who)
-    with holding(lock, sweep.spec.name), stop_on_sigterm():
-        return drive(cfg, sweep)
+    try:
+        with holding(lock, sweep.spec.name), stop_on_sigterm():
+            return drive(cfg, sweep)
+    except KeyboardInterrupt:  # stop_workers has said what happened and how to resume
+        sys.exit(130)
 
 
 def drive(cfg: DictConfig, sweep: Sweep) -> list[dict]:

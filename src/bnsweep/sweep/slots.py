@@ -178,6 +178,15 @@ def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float
     return lost
 
 
+def trial_tags(sweep: str, study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> dict[str, str]:
+    """The MLflow tags of a trial's run: ``optuna.trial_id`` names it, so a run is found (never made twice)."""
+    repeat = trial.user_attrs.get("repeat")
+    return {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
+            "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": sweep,
+            "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
+            **({"bnsweep.repeat": str(repeat)} if repeat else {})}
+
+
 def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) -> None:
     """A worker being stopped (SIGTERM, scancel, Ctrl-C) hands its trial back for a retry at once.
 

@@ -38,9 +38,9 @@ from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
 from bnsweep.population.loop import run_population
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.heartbeat import Heartbeat, beating
-from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked
+from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked, trial_tags
 from bnsweep.sweep.storage import heartbeat_enabled, open_storage, sweep_studies
-from bnsweep.tracking.runs import get_or_create_experiment, mark_killed
+from bnsweep.tracking.runs import get_or_create_experiment, mark_killed, quick_requests
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import RunResult, quiet_lightning, run_training
 
@@ -128,11 +128,7 @@ class Worker:
         return cfg
 
     def tags(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
-        repeat = trial.user_attrs.get("repeat")
-        return {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
-                "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": self.sweep,
-                "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
-                **({"bnsweep.repeat": str(repeat)} if repeat else {})}
+        return trial_tags(self.sweep, study, trial)
 
     def fail(self, study: optuna.Study, trial: optuna.Trial, e: Exception) -> None:
         """One trial's crash is recorded; the sweep goes on."""
@@ -342,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format=f"[worker {os.getpid()}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     stop_on_signals()
+    quick_requests()
     quiet_lightning()
     torch.set_num_threads(args.threads)
     worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
