@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from bnsweep.errors import ConfigError
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.lock import holding, lock_path, owner
-from bnsweep.sweep.slots import HOST, MAX_LOST, claim, is_lost, live, recover_study
+from bnsweep.sweep.slots import HOST, MAX_LOST, claim, give_back, is_lost, live, recover_study
 from bnsweep.sweep.storage import open_storage
 
 SPEC = {"name": "f", "base": [], "grid": {"model.bn.placement": ["none"]},
@@ -96,6 +96,16 @@ def test_a_trial_that_keeps_killing_its_worker_is_ended_as_poison(tmp_path: Path
     assert "died 3 times" in poison[0].user_attrs["error"]
     assert poison[0].params == lost[-1].params  # the LR that kills it, for the researcher to see
     assert recover_study(storage, study, 900)[1] == 0  # not retried again, and the slot counts as done
+
+
+def test_trials_given_back_by_a_stopped_worker_never_make_poison(tmp_path: Path) -> None:
+    study = cell_study(str(tmp_path / "f.journal"), n_trials=1)
+    storage = study._storage
+    for _ in range(MAX_LOST + 1):  # Ctrl-C'd again and again: each time the trial is given back
+        give_back(storage, study, claim(storage, study))
+        recover_study(storage, study, 900)
+    assert not [t for t in study.get_trials() if t.user_attrs.get("poison")]
+    assert [t.state for t in study.get_trials() if live(t)] == [TrialState.WAITING]
     assert [t.user_attrs["slot"] for t in study.get_trials() if live(t)] == [0]
 
 

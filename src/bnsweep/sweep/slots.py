@@ -195,6 +195,7 @@ def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) ->
     """
     if storage.get_trial(trial._trial_id).state.is_finished():
         return  # it ended before the stop (a population's members end one by one)
+    storage.set_trial_user_attr(trial._trial_id, "given_back", True)  # stopped, not killed by it: no poison
     retry = storage.get_heartbeat_stale_trial_callback() if heartbeat_enabled(storage) else None  # type: ignore
     if retry is not None:
         try:
@@ -217,6 +218,8 @@ def recover_study(storage: BaseStorage, study: optuna.Study, stale_after_s: floa
 def poison_slots(study: optuna.Study, max_lost: int = MAX_LOST) -> list[int]:
     """End a slot whose trial killed its worker ``max_lost`` times (e.g. the OOM killer): no endless retries.
 
+    Trials given back by a stopped worker (SIGTERM, Ctrl-C) do not count: they did not kill it.
+
     The slot then holds a finished FAIL trial (user attributes ``poison`` and ``error``) with the
     parameters of its last attempt, so the sweep finishes and the table counts it as failed.
     Returns the slots ended so.
@@ -226,7 +229,7 @@ def poison_slots(study: optuna.Study, max_lost: int = MAX_LOST) -> list[int]:
     held = {_slot(t) for t in trials if live(t, gone)}
     attempts: dict[Any, list[FrozenTrial]] = {}
     for t in trials:
-        if not live(t, gone) and "slot" in t.user_attrs:
+        if not live(t, gone) and "slot" in t.user_attrs and not t.user_attrs.get("given_back"):
             attempts.setdefault(_slot(t), []).append(t)
     ended = []
     for slot, lost in attempts.items():
