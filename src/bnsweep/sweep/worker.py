@@ -40,7 +40,7 @@ from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.heartbeat import Heartbeat, beating
 from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked, trial_tags
 from bnsweep.sweep.storage import heartbeat_enabled, open_storage, sweep_studies
-from bnsweep.tracking.runs import get_or_create_experiment, mark_killed, quick_requests
+from bnsweep.tracking.runs import answers, get_or_create_experiment, mark_killed, quick_requests
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import RunResult, quiet_lightning, run_training
 
@@ -139,7 +139,8 @@ class Worker:
 
     def record(self, study: optuna.Study, trial: optuna.Trial, result: RunResult) -> None:
         """Tell Optuna how the trial ended; its MLflow requests finish in the background."""
-        self.trackers.append(result.tracker)
+        if result.tracker is not None:  # None: trained untracked, MLflow was away (tracking_answers)
+            self.trackers.append(result.tracker)
         with ended_elsewhere(trial, result.tracker):
             trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
             trial.set_user_attr("run", {"mlflow_run_id": result.run_id, "outcome": result.outcome,
@@ -170,7 +171,7 @@ class Worker:
                 result = run_training(
                     cfg, datamodule=self.datamodule(cfg), tags=self.tags(study, trial),
                     parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                    callbacks=[*pruning, Heartbeat(self.storage, trial)])
+                    callbacks=[*pruning, Heartbeat(self.storage, trial)], track=self.tracking_answers(trial))
         except Exception as e:  # one trial's crash is recorded; the sweep goes on
             if disk_full(e):  # not the trial's fault: give it back (run) and stop this worker
                 raise
@@ -263,6 +264,15 @@ class Worker:
                 client = MlflowClient(self.tracking_uri)
                 exp = get_or_create_experiment(client, study.user_attrs["mlflow_experiment"], None)
                 mark_killed(client, exp, study.study_name, lost)
+
+    def tracking_answers(self, trial: optuna.Trial) -> bool:
+        """MLflow away at a trial's start: train it untracked rather than fail it (its result goes to the
+        storage; the driver rebuilds its run from there, ``Sweep.complete_runs``)."""
+        if answers(self.tracking_uri):
+            return True
+        log.warning("MLflow at %s does not answer: trial %d trains without an MLflow run; the next "
+                    "`bnsweep sweep` rebuilds its run from the Optuna storage", self.tracking_uri, trial.number)
+        return False
 
     def give_back(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         """Hand stopped trials back for a retry, if the storage still takes writes (a full disk may not:

@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -239,6 +240,17 @@ def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trial
                 f"tags.`optuna.study` = '{study_name}'{status}"):
             if run.info.status != "KILLED":
                 client.set_terminated(run.info.run_id, "KILLED")
+
+
+def answers(uri: str, timeout: float = 5.0) -> bool:
+    """Whether the MLflow server at ``uri`` answers now (its /health; a local store always does)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:  # URLError, refused, timed out
+        return False
 
 
 def quick_requests() -> None:
