@@ -13,14 +13,17 @@ import contextlib
 import functools
 import logging
 import math
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import hydra
 import optuna
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
@@ -28,18 +31,28 @@ from tqdm import tqdm
 
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import CONF_DIR, worker_count
-from bnsweep.errors import ConfigError, run_app
+from bnsweep.errors import ConfigError, TrackingError, run_app
 from bnsweep.sweep import changes, files, table
 from bnsweep.sweep.definition import SweepSpec, parse
 from bnsweep.sweep.launch_local import LocalLauncher
-from bnsweep.sweep.slots import counts, recover_study
+from bnsweep.sweep.lock import holding, lock_path, owner
+from bnsweep.sweep.slots import counts, live, recover_study, retried, trial_tags
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 from bnsweep.tracking.dashboard import runs_table_url, set_view
-from bnsweep.tracking.runs import RunTracker, artifact_root, get_or_create_experiment, mark_killed, summary_run
+from bnsweep.tracking.runs import (
+    RunTracker,
+    artifact_root,
+    complete_trial_runs,
+    get_or_create_experiment,
+    mark_killed,
+    quick_requests,
+    summary_run,
+)
 from bnsweep.tracking.server import connect
 from bnsweep.tracking.system import system_metrics
 
 log = logging.getLogger("bnsweep.sweep")
+STOP_WAIT_S = 60  # a stopped driver waits this long for its workers to give their trials back
 
 
 @dataclass
@@ -124,9 +137,28 @@ class Sweep:
         added = 0
         for study in self.studies:
             lost, n = recover_study(self.storage, study, self.stale_after_s)
-            mark_killed(self.client, self.experiment_id, study.study_name, lost)
+            if lost:
+                try:
+                    mark_killed(self.client, self.experiment_id, study.study_name, lost, any_status=True)
+                except Exception as e:  # MLflow away: finish() ends them once it is back
+                    log.warning("MLflow did not answer (%s); the lost trials' runs are ended later", e)
             added += n
         return added
+
+    def complete_runs(self) -> int:
+        """Each finished trial's MLflow run made whole from the storage (see ``complete_trial_runs``):
+        what a worker could not send while MLflow was away or slow is completed here."""
+        changed = 0
+        for study in self.studies:
+            parent = study.user_attrs["mlflow_parent_run_id"]
+            gone = retried(trials := study.get_trials(deepcopy=False))
+            done = [(trial_tags(self.spec.name, study, t) | {"mlflow.parentRunId": parent},
+                     {k: str(v) for k, v in t.params.items()}, t.user_attrs.get("metrics") or {}, "FINISHED")
+                    for t in trials if live(t, gone) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+            changed += complete_trial_runs(self.client, self.experiment_id, study.study_name, done)
+        if changed:
+            log.info("completed %d trial run(s) in MLflow from the storage", changed)
+        return changed
 
     def prepare_data(self) -> None:
         """Decode each dataset once here, so parallel workers only read the cache."""
@@ -202,14 +234,43 @@ class Sweep:
                 if not alive:
                     break
                 self.launcher.pause(1.0)  # local: wakes at once when a worker ends
-        except KeyboardInterrupt:
-            self.launcher.stop()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see ``stop_on_sigterm``)
             bar.close()
+            self.stop_workers()
             raise
         bar.close()
         if self.launcher.failed():
             log.warning("%d worker(s) stopped with an error; see %s", self.launcher.failed(), self.log_dir)
         return time.perf_counter() - start
+
+    def stop_workers(self) -> None:
+        """Stopped: the workers give their trials back and end their runs KILLED; so do the cell runs.
+
+        Nothing is left RUNNING and nothing is lost: the same command resumes where this one stopped.
+        """
+        with stop_ignored():  # a second Ctrl-C must not cut the giving back short
+            self.launcher.stop()
+            join = getattr(self.launcher, "join", None)
+            if join is not None:
+                join(STOP_WAIT_S)
+            try:
+                self.recover()  # trials of workers that died before giving them back
+                for study in self.studies:
+                    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                    mark_killed(self.client, self.experiment_id, study.study_name, failed)
+                    self.client.set_terminated(study.user_attrs["mlflow_parent_run_id"], "KILLED")
+            except Exception as e:  # MLflow away: the next run ends them (finish, mark_killed)
+                log.warning("could not end the sweep's MLflow runs: %s", e)
+        print("sweep stopped; its workers gave their trials back. Run the same command again to resume.",
+              file=sys.stderr)
+
+    def snapshot(self, who: str) -> list[dict]:
+        """``action=status`` while a driver runs: the table read from the storage; nothing written."""
+        studies = sorted(sweep_studies(self.storage, self.spec.name), key=lambda s: s.user_attrs.get("order", 0))
+        rows = [table.cell_row(study, self.spec.target_acc) for study in studies]
+        print("\n" + table.to_markdown(rows, self.spec.target_acc))
+        print(f"sweep {self.spec.name} is being run by {who}: this is a snapshot.", file=sys.stderr)
+        return rows
 
     def announce_cells(self, bar: tqdm, announced: set[str]) -> None:
         for study in self.studies:
@@ -228,6 +289,15 @@ class Sweep:
 
     def finish(self) -> list[dict]:
         """Summaries on each cell's parent run, the table as CSV/Markdown artifacts and files."""
+        try:
+            return self._finish()
+        except (OSError, MlflowException) as e:  # requests' errors are OSErrors
+            raise TrackingError(
+                f"tracking.uri={self.uri}: MLflow does not answer ({type(e).__name__}); every trial's result "
+                f"is safe in {self.storage_url}: run the same command again once MLflow is back") from None
+
+    def _finish(self) -> list[dict]:
+        self.complete_runs()
         rows = []
         for study in sorted(self.studies, key=lambda s: s.user_attrs.get("order", 0)):
             row = table.cell_row(study, self.spec.target_acc)
@@ -300,8 +370,41 @@ def open_sweep(cfg: DictConfig) -> Sweep:
                  getattr(launcher, "workers", workers), launcher, int(cfg.heartbeat_s))
 
 
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM (kill, a job's end) stops the driver as Ctrl-C does: workers stopped, runs ended."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def stop_ignored() -> Iterator[None]:
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run(cfg: DictConfig) -> list[dict]:
+    quick_requests()
     sweep = open_sweep(cfg)
+    lock = lock_path(sweep.store_dir, sweep.spec.name)
+    if cfg.action != "run" and (who := owner(lock)):
+        return sweep.snapshot(who)
+    try:
+        with holding(lock, sweep.spec.name), stop_on_sigterm():
+            return drive(cfg, sweep)
+    except KeyboardInterrupt:  # stop_workers has said what happened and how to resume
+        sys.exit(130)
+
+
+def drive(cfg: DictConfig, sweep: Sweep) -> list[dict]:
+    """The sweep's one driver (it holds the sweep's lock): prepare, run the workers, summarize."""
     sweep.prepare()
     print(f"dashboard: {sweep.dashboard}", file=sys.stderr)
     local = isinstance(sweep.launcher, LocalLauncher)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from multiprocessing import forkserver
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
@@ -96,8 +97,20 @@ class LocalLauncher:
             wait(alive, timeout=timeout)
 
     def stop(self) -> None:
+        """SIGTERM each worker: it gives its trial back and ends its MLflow run KILLED (worker.main)."""
         for p in self.procs:
-            p.terminate()
+            if p.is_alive():
+                p.terminate()
+
+    def join(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s in all for stopped workers to end; SIGKILL any still there after it."""
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
 
     def failed(self) -> int:
         return sum(bool(p.exitcode) for p in self.procs)

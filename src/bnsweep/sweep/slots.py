@@ -31,6 +31,7 @@ from bnsweep.sweep.search import SEED_INDEX, SKIPPED, BasinSearch
 from bnsweep.sweep.storage import heartbeat_enabled
 
 HOST = socket.gethostname()
+MAX_LOST = 3  # a slot whose trial killed its worker this often is ended as FAIL (poison), not retried again
 
 
 def retried(trials: list[FrozenTrial]) -> set[int]:
@@ -187,8 +188,8 @@ def is_lost(t: FrozenTrial, stale_after_s: float, now: float | None = None) -> b
     if t.state != TrialState.RUNNING:
         return False
     worker = t.user_attrs.get("worker") or {}
-    if worker.get("host") == HOST and not _pid_alive(int(worker.get("pid", -1))):
-        return True
+    if worker.get("host") == HOST:  # this host: its PID says it all (a paused worker is alive, a dead one is lost)
+        return not _pid_alive(int(worker.get("pid", -1)))
     beat = t.user_attrs.get("heartbeat") or (t.datetime_start.timestamp() if t.datetime_start else 0)
     return (now or time.time()) - beat > stale_after_s
 
@@ -225,6 +226,15 @@ def recover_lost(storage: BaseStorage, study: optuna.Study, stale_after_s: float
     return lost
 
 
+def trial_tags(sweep: str, study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> dict[str, str]:
+    """The MLflow tags of a trial's run: ``optuna.trial_id`` names it, so a run is found (never made twice)."""
+    repeat = trial.user_attrs.get("repeat")
+    return {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
+            "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": sweep,
+            "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
+            **({"bnsweep.repeat": str(repeat)} if repeat else {})}
+
+
 def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) -> None:
     """A worker being stopped (SIGTERM, scancel, Ctrl-C) hands its trial back for a retry at once.
 
@@ -233,6 +243,7 @@ def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) ->
     """
     if storage.get_trial(trial._trial_id).state.is_finished():
         return  # it ended before the stop (a population's members end one by one)
+    storage.set_trial_user_attr(trial._trial_id, "given_back", True)  # stopped, not killed by it: no poison
     retry = storage.get_heartbeat_stale_trial_callback() if heartbeat_enabled(storage) else None  # type: ignore
     if retry is not None:
         try:
@@ -248,7 +259,39 @@ def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) ->
 def recover_study(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> tuple[list[FrozenTrial], int]:
     """Fail the cell's lost trials and enqueue their slots again: (lost trials, trials enqueued)."""
     lost = recover_lost(storage, study, stale_after_s)
+    poison_slots(study)
     return lost, top_up(study, SweepSpec.from_attrs(study.user_attrs))
+
+
+def poison_slots(study: optuna.Study, max_lost: int = MAX_LOST) -> list[int]:
+    """End a slot whose trial killed its worker ``max_lost`` times (e.g. the OOM killer): no endless retries.
+
+    Trials given back by a stopped worker (SIGTERM, Ctrl-C) do not count: they did not kill it.
+
+    The slot then holds a finished FAIL trial (user attributes ``poison`` and ``error``) with the
+    parameters of its last attempt, so the sweep finishes and the table counts it as failed.
+    Returns the slots ended so.
+    """
+    trials = study.get_trials(deepcopy=False)
+    gone = retried(trials)
+    held = {_slot(t) for t in trials if live(t, gone)}
+    attempts: dict[Any, list[FrozenTrial]] = {}
+    for t in trials:
+        if not live(t, gone) and "slot" in t.user_attrs and not t.user_attrs.get("given_back"):
+            attempts.setdefault(_slot(t), []).append(t)
+    ended = []
+    for slot, lost in attempts.items():
+        if slot in held or len(lost) < max_lost:
+            continue
+        last = max(lost, key=lambda t: t.number)
+        attrs = {k: last.user_attrs[k] for k in ("slot", "repeat") if k in last.user_attrs}
+        study.add_trial(optuna.trial.create_trial(
+            state=TrialState.FAIL, params=last.params, distributions=last.distributions, user_attrs={
+                **attrs, "poison": len(lost), "retry_of": last.number,
+                "error": f"its worker died {len(lost)} times running it (killed: out of memory?); "
+                         "not retried again"}))
+        ended.append(attrs["slot"])
+    return ended
 
 
 def counts(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> Counter:

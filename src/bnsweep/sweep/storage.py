@@ -6,6 +6,9 @@ Optuna's own heartbeats. Driver, workers and the report share state only through
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import warnings
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
 from bnsweep.errors import ConfigError
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+log = logging.getLogger("bnsweep.storage")
 
 
 def default_storage(store_dir: str | Path, sweep: str) -> str:
@@ -41,7 +45,52 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float 
                 engine_kwargs={"pool_pre_ping": True})
     path = Path(url.removeprefix("journal://"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    lock = JournalFileOpenLock(str(path))
+    repair_journal(path, lock)
+    return JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
+
+
+def _torn_tail(data: bytes) -> int | None:
+    """Where a journal's torn last record starts (a crash or a full disk mid-append), or None if intact."""
+    if not data:
+        return None
+    cut = data.rfind(b"\n", 0, len(data) - 1) + 1 if data.endswith(b"\n") else data.rfind(b"\n") + 1
+    if not data.endswith(b"\n"):
+        return cut
+    try:
+        json.loads(data[cut:])
+    except ValueError:
+        return cut
+    return None
+
+
+def repair_journal(path: Path, lock: JournalFileOpenLock) -> None:
+    """Cut a journal's torn last record, keeping a copy of the file as it was (``<journal>.torn-<n>``).
+
+    Appends are whole records under the journal's lock, so a torn tail is an append that never
+    finished: its trial's last change is lost and the trial looks as it did before it (a RUNNING
+    trial of a dead worker is then retried). Left in place, the next append would glue a record to it
+    and every later read would fail with JSONDecodeError.
+    """
+    if not path.exists():
+        return
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        cut = _torn_tail(data)
+        if cut is None:
+            return
+        n = 1
+        while (backup := path.with_name(f"{path.name}.torn-{n}")).exists():
+            n += 1
+        shutil.copy2(path, backup)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            f.flush()
+        log.warning("journal %s had a torn last record (%d bytes, from a crash or a full disk): cut it; "
+                    "the file as it was is kept as %s", path, len(data) - cut, backup.name)
+    finally:
+        lock.release()
 
 
 def sweep_studies(storage: BaseStorage, sweep: str) -> list[optuna.Study]:

@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from typing import Any
 
 import optuna
 import torch
@@ -38,9 +42,9 @@ from bnsweep.population.loop import run_population
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.heartbeat import Heartbeat, beating
 from bnsweep.sweep.search import SEED_INDEX, SEED_STRIDE
-from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked
+from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked, trial_tags
 from bnsweep.sweep.storage import heartbeat_enabled, open_storage, sweep_studies
-from bnsweep.tracking.runs import get_or_create_experiment, mark_killed
+from bnsweep.tracking.runs import answers, get_or_create_experiment, mark_killed, quick_requests
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import RunResult, quiet_lightning, run_training
 
@@ -56,6 +60,7 @@ class Worker:
         self.auto_k: dict[str, int] = {}  # population=auto: the probed K per cell
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
         self.seed_offset, self.stale_after_s, self.recover = seed_offset, stale_after_s, recover
+        self.heartbeat_s = heartbeat_s
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if self.world > 1 and not dist.is_initialized():  # one process group for the worker's life
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -145,29 +150,28 @@ class Worker:
         return cfg
 
     def tags(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:
-        repeat = trial.user_attrs.get("repeat")
-        return {"optuna.study": study.study_name, "optuna.trial": str(trial.number),
-                "optuna.trial_id": str(trial._trial_id), "bnsweep.sweep": self.sweep,
-                "bnsweep.cell": study.user_attrs["cell"], "bnsweep.role": "trial",
-                **({"bnsweep.repeat": str(repeat)} if repeat else {})}
+        return trial_tags(self.sweep, study, trial)
 
     def fail(self, study: optuna.Study, trial: optuna.Trial, e: Exception) -> None:
         """One trial's crash is recorded; the sweep goes on."""
-        trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
         log.error("trial %s of %s failed:\n%s", trial.number, study.study_name, traceback.format_exc())
-        study.tell(trial, state=TrialState.FAIL)
+        with ended_elsewhere(trial):
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            study.tell(trial, state=TrialState.FAIL)
 
     def record(self, study: optuna.Study, trial: optuna.Trial, result: RunResult) -> None:
         """Tell Optuna how the trial ended; its MLflow requests finish in the background."""
-        self.trackers.append(result.tracker)
-        trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
-        trial.set_user_attr("run", {"mlflow_run_id": result.run_id, "outcome": result.outcome,
-                                    "finished_at": time.time()})
-        if result.outcome == "completed":
-            study.tell(trial, result.metrics["best_val_acc"])
-        else:  # pruned, or diverged: a bad region the sampler should learn to avoid
-            trial.set_user_attr("diverged", result.outcome == "diverged")
-            study.tell(trial, state=TrialState.PRUNED)
+        if result.tracker is not None:  # None: trained untracked, MLflow was away (tracking_answers)
+            self.trackers.append(result.tracker)
+        with ended_elsewhere(trial, result.tracker):
+            trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
+            trial.set_user_attr("run", {"mlflow_run_id": result.run_id, "outcome": result.outcome,
+                                        "finished_at": time.time()})
+            if result.outcome == "completed":
+                study.tell(trial, result.metrics["best_val_acc"])
+            else:  # pruned, or diverged: a bad region the sampler should learn to avoid
+                trial.set_user_attr("diverged", result.outcome == "diverged")
+                study.tell(trial, state=TrialState.PRUNED)
 
     # ------------------------------------------------------------------ running
 
@@ -185,12 +189,14 @@ class Worker:
             PyTorchLightningPruningCallback(trial, monitor="val_acc")]
         self.share(OmegaConf.to_container(cfg, resolve=True))
         try:
-            with beating(self.storage, trial):
+            with beating(self.storage, trial, self.heartbeat_s):
                 result = run_training(
                     cfg, datamodule=self.datamodule(cfg), tags=self.tags(study, trial),
                     parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                    callbacks=[*pruning, Heartbeat(self.storage, trial)])
+                    callbacks=[*pruning, Heartbeat(self.storage, trial)], track=self.tracking_answers(trial))
         except Exception as e:  # one trial's crash is recorded; the sweep goes on
+            if disk_full(e):  # not the trial's fault: give it back (run) and stop this worker
+                raise
             self.fail(study, trial, e)
             return
         self.flush(keep=1)  # the previous trial's requests overlapped this trial's training
@@ -203,7 +209,7 @@ class Worker:
         try:
             with contextlib.ExitStack() as beats:
                 for t in trials:
-                    beats.enter_context(beating(self.storage, t))
+                    beats.enter_context(beating(self.storage, t, self.heartbeat_s))
                 run_population(
                     cfgs, datamodule=self.datamodule(cfgs[0]), tags=[self.tags(study, t) for t in trials],
                     parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
@@ -281,6 +287,24 @@ class Worker:
                 exp = get_or_create_experiment(client, study.user_attrs["mlflow_experiment"], None)
                 mark_killed(client, exp, study.study_name, lost)
 
+    def tracking_answers(self, trial: optuna.Trial) -> bool:
+        """MLflow away at a trial's start: train it untracked rather than fail it (its result goes to the
+        storage; the driver rebuilds its run from there, ``Sweep.complete_runs``)."""
+        if answers(self.tracking_uri):
+            return True
+        log.warning("MLflow at %s does not answer: trial %d trains without an MLflow run; the next "
+                    "`bnsweep sweep` rebuilds its run from the Optuna storage", self.tracking_uri, trial.number)
+        return False
+
+    def give_back(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
+        """Hand stopped trials back for a retry, if the storage still takes writes (a full disk may not:
+        then the driver sees the dead PID and retries them)."""
+        for t in trials:
+            try:
+                give_back(self.storage, study, t)
+            except Exception as e:
+                log.warning("trial %d not given back (%s); it is retried once this worker is gone", t.number, e)
+
     def flush(self, keep: int = 0) -> None:
         while len(self.trackers) > keep:
             self.trackers.pop(0).close()
@@ -301,9 +325,8 @@ class Worker:
                 study, trials = nxt
                 try:
                     self.run_claimed(study, trials)
-                except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): give the slots back
-                    for t in trials:
-                        give_back(self.storage, study, t)
+                except BaseException:  # stopped from outside (SIGTERM, Ctrl-C), disk full: give the slots back
+                    self.give_back(study, trials)
                     raise
                 self.done += len(trials)
         finally:
@@ -318,6 +341,21 @@ def population_arg(value: str) -> int | str | None:
         return population_value(value, "--population")
     except ConfigError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@contextlib.contextmanager
+def ended_elsewhere(trial: optuna.Trial, tracker: Any = None) -> Iterator[None]:
+    """A trial retried while this worker was paused (its heartbeat went stale) is not ours to end:
+    drop this result with one line (its MLflow run ends KILLED, so the slot keeps one FINISHED run)."""
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        log.warning("trial %d was retried elsewhere while this worker was paused; its result here is dropped",
+                    trial.number)
+        if tracker is not None:
+            tracker.close()
+            with contextlib.suppress(Exception):
+                tracker.client.set_terminated(tracker.run_id, "KILLED")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,13 +378,43 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"[worker {os.getpid()}] %(message)s", stream=sys.stderr)
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    stop_on_signals()
+    quick_requests()
     quiet_lightning()
     torch.set_num_threads(args.threads)
     worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
                     population=args.population, heartbeat_s=args.heartbeat_s,
                     stale_after_s=args.stale_after_s, recover=args.recover)
-    n = worker.run(args.max_trials)
+    try:
+        n = worker.run(args.max_trials)
+    except KeyboardInterrupt:
+        log.info("stopped; trials given back")
+        sys.exit(130)
+    except OSError as e:
+        if not disk_full(e):
+            raise
+        sys.exit(f"error: disk full ({e.strerror}: {e.filename or 'the Optuna journal or a heartbeat'}): "
+                 "this worker stopped and gave its trial back; free space, then run the sweep again")
     log.info("no trial left to claim; ran %d", n)
+
+
+def disk_full(e: BaseException) -> bool:
+    """A write refused for space (ENOSPC, a quota, a file-size limit): the machine's fault, not the trial's."""
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (the driver stopping, scancel) raises KeyboardInterrupt once, as Ctrl-C does, so the
+    trial is given back and its run ended KILLED; later signals are ignored, so nothing cuts that short.
+    SIGXFSZ is ignored so a file-size limit is an EFBIG error (handled like a full disk), not a crash."""
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ PARAM_LEN = 6000
 # MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI overview (traces, tokens) of an
 # empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+REQUEST_RETRIES, REQUEST_TIMEOUT_S = 2, 20  # an away MLflow server: seconds, not MLflow's minutes of retries
 
 
 def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> str:
@@ -88,13 +90,19 @@ class RunTracker:
                  tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
                  store_dir: str | Path = STORE_DIR, background: bool = False) -> None:
         self.client = MlflowClient(uri)
-        self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root(uri, store_dir))
         tags = dict(tags or {})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow") if background else None
         self._staged: dict[str, dict[str, Any]] = {"params": {}, "tags": {}, "metrics": {}}
         self._pending: list[Future] = []
+        self._broken: Exception | None = None  # background: the first failed request; the rest are skipped
+        try:
+            self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root(uri, store_dir))
+        except Exception as e:
+            if not background:
+                raise
+            self._broken, self.experiment_id = e, None
         self._run = self._submit(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
 
     @classmethod
@@ -107,15 +115,33 @@ class RunTracker:
         return tracker
 
     @property
-    def run_id(self) -> str:
-        return self._run.result().info.run_id
+    def run_id(self) -> str | None:
+        """The run's id; None if MLflow was away when it was to be created (``complete_trial_runs`` makes it)."""
+        try:
+            return self._run.result().info.run_id
+        except Exception:
+            if self._pool is None:
+                raise
+            return None
 
     def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         if self._pool is None:
             return _done(fn(*args, **kwargs))
-        future = self._pool.submit(fn, *args, **kwargs)
+        future = self._pool.submit(self._unless_broken, fn, *args, **kwargs)
         self._pending.append(future)
         return future
+
+    def _unless_broken(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Background requests after a failed one are skipped: the server is away or slow, and each retry
+        would hold the trial's flush for the whole retry budget. The trial's result is in the Optuna
+        storage; the driver completes the run from it later (``complete_trial_runs``)."""
+        if self._broken is not None:
+            raise RuntimeError(f"skipped: an earlier MLflow request failed ({self._broken})")
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self._broken = e
+            raise
 
     def stage(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
               metrics: Mapping[str, float] | None = None) -> None:
@@ -162,11 +188,11 @@ class RunTracker:
 
     def close(self) -> None:
         """Wait for background requests; a failed one becomes a warning, never a lost trial."""
-        for future in self._pending:
-            try:
-                future.result()
-            except Exception as e:
-                log.warning("MLflow logging failed for run %s: %s", self._run_id_or_none(), e)
+        failed = [e for future in self._pending if (e := future.exception()) is not None]
+        if failed:
+            log.warning("MLflow logging failed for run %s (%d request(s)): %s; the trial's result is safe in "
+                        "the Optuna storage and the next `bnsweep sweep` completes its run",
+                        self._run_id_or_none(), len(failed), failed[0])
         self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -207,13 +233,73 @@ def _get_or_create_experiment(client: MlflowClient, name: str, artifact_location
         return exp.experiment_id
 
 
-def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trials: list) -> None:
-    """End the MLflow runs of trials whose worker died (KILLED), so none stays RUNNING forever."""
+def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trials: list,
+                any_status: bool = False) -> None:
+    """End the MLflow runs of trials whose worker died (KILLED), so none stays RUNNING forever.
+
+    ``any_status``: also a FINISHED one (its trial's end never reached the storage, e.g. a torn journal
+    tail, so the trial is retried and the retry's run is the slot's one FINISHED run).
+    """
     for t in trials:
+        status = "" if any_status else " and attributes.status = 'RUNNING'"
         for run in client.search_runs(
                 [experiment_id], f"tags.`optuna.trial_id` = '{t._trial_id}' and "
-                f"tags.`optuna.study` = '{study_name}' and attributes.status = 'RUNNING'"):
-            client.set_terminated(run.info.run_id, "KILLED")
+                f"tags.`optuna.study` = '{study_name}'{status}"):
+            if run.info.status != "KILLED":
+                client.set_terminated(run.info.run_id, "KILLED")
+
+
+def answers(uri: str, timeout: float = 5.0) -> bool:
+    """Whether the MLflow server at ``uri`` answers now (its /health; a local store always does)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:  # URLError, refused, timed out
+        return False
+
+
+def quick_requests() -> None:
+    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+
+
+def complete_trial_runs(client: MlflowClient, experiment_id: str, study_name: str,
+                        trials: list[tuple[Mapping[str, str], Mapping[str, Any], Mapping[str, float], str]]) -> int:
+    """Make each finished trial's MLflow run whole, idempotently: one run per trial, ended.
+
+    ``trials``: (tags, params, final metrics, status) per finished trial, its tags naming it by
+    ``optuna.trial_id``. A trial whose run was never created (MLflow away) gets one rebuilt from the
+    storage (tag ``bnsweep.rebuilt``: final metrics only, no per-epoch history or artifacts); one left
+    RUNNING (MLflow went away before the end) gets its final metrics and is ended; duplicates (a
+    create_run retried after a lost answer) are deleted. Returns the runs changed.
+    """
+    runs: dict[str, list] = {}
+    for run in client.search_runs([experiment_id], f"tags.`optuna.study` = '{study_name}' and "
+                                  "tags.`bnsweep.role` = 'trial'", max_results=50000):
+        runs.setdefault(run.data.tags.get("optuna.trial_id", ""), []).append(run)
+    changed = 0
+    for tags, params, metrics, status in trials:
+        mine = sorted(runs.get(tags["optuna.trial_id"], []), key=lambda r: (
+            r.info.status != "FINISHED", -len(r.data.metrics), r.info.start_time or 0))
+        for extra in mine[1:]:
+            client.delete_run(extra.info.run_id)
+            changed += 1
+        if mine and mine[0].info.status != "RUNNING":
+            continue
+        if mine:
+            run_id = mine[0].info.run_id
+        else:
+            run_id = client.create_run(experiment_id, run_name=f"trial {tags.get('optuna.trial', '')}",
+                                       tags={**tags, "bnsweep.rebuilt": "true"}).info.run_id
+        tracker = RunTracker.for_run(client, run_id)
+        tracker.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    params=params if not mine else None)
+        client.set_terminated(run_id, status)
+        changed += 1
+    return changed
 
 
 def summary_run(client: MlflowClient, experiment_id: str, sweep: str) -> str:
