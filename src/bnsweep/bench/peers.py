@@ -164,7 +164,7 @@ def optuna_study(cells: list[DictConfig], n_trials: int, workers: int, uri: str,
 
 def study(n_trials: int, workers: int, epochs: int, limit_train: int | None) -> dict[str, float] | str:
     """Trials/hour of the tiny sweep's cells: bnsweep's sweep vs Optuna's study.optimize (same size, same server)."""
-    from bnsweep.bench.main import bench_sweep
+    from bnsweep.bench.sweeps import bench_sweep
     from bnsweep.sweep.definition import parse
     from bnsweep.sweep.launch_local import start_preloading
     from bnsweep.tracking.server import MlflowServer
