@@ -33,7 +33,15 @@ def validate(cfg: DictConfig) -> None:
     check_range("trainer.max_epochs", cfg.trainer.max_epochs, 1)
     check_range("train.target_acc", cfg.train.target_acc, 0, 1, low_open=True)
     check_range("train.max_loss", cfg.train.max_loss, 0, low_open=True)
+    check_val_every(cfg.train.get("val_every"))
     for size in cfg.train.get("eval_batch_sizes") or ():
         check_range("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
         check_range("threads", cfg.threads, 1)
+
+
+def check_val_every(value: object) -> None:
+    """train.val_every: optimizer steps between validation checks (an integer >= 1), or null: epoch ends only."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"train.val_every={value!r} is not allowed; it must be an integer >= 1 (optimizer "
+                          "steps between validation checks) or null (validate only at each epoch's end)")
