@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per measured run")
     ap.add_argument("--trials", type=int, default=6, help="trials per cell in the sweep benchmark (2 cells)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating 1- and 2-worker sweep pairs")
-    ap.add_argument("--only", choices=["training", "sweep", "latency", "population"], default=None)
+    ap.add_argument("--only", choices=["training", "sweep", "latency", "population", "validation"], default=None)
     ap.add_argument("--sizes", default=None, help="population sizes, e.g. 1,8,32 (default; 1,8,32,128 on a GPU)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the population sizes")
     ap.add_argument("--pop-epochs", type=int, default=1, help="epochs per trial in the population bench")
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"bnsweep bench - torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     if args.only in (None, "training"):
         report_training(args.epochs)
+    if args.only in (None, "validation"):  # the cost of checks within the epoch (train.val_every)
+        from bnsweep.bench.validation import report as report_validation
+
+        report_validation()
     if args.only in (None, "sweep"):
         report_sweep(args.trials, args.repeats)
     if args.only in (None, "latency"):

@@ -287,9 +287,9 @@ class Population:
                 stopping[j] = "pruned"
 
     def stop(self, stopping: dict[int, str]) -> torch.Tensor:
-        """Drop the marked members (pruned first, then diverged); return the positions kept, as ``drop``."""
+        """Drop the marked members (diverged first, then pruned); return the positions kept, as ``drop``."""
         keep = torch.arange(len(self.active), device=self.sums.device)
-        for outcome in ("pruned", "diverged"):
+        for outcome in ("diverged", "pruned"):
             gone = [int(p) for p, j in enumerate(keep.tolist()) if stopping.get(j) == outcome]
             if gone:
                 keep = keep[self.drop(gone, outcome)]

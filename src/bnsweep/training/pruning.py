@@ -5,9 +5,10 @@ several checks within an epoch would collide on one step. Here every check is re
 the run's optimizer steps so far (``Check.step``): the checks of a cell's trials (same data, batch
 size and ``train.val_every``, only the learning rate differs) fall on the same steps, which is what
 ``MedianPruner`` compares. Its ``n_warmup_steps`` and Hyperband's resources therefore count
-optimizer steps: one epoch is ceil(train images / data.batch_size) steps (1719 for MNIST's 55,000
-at batch 32), so ``n_warmup_steps: 1`` now only spares the first step's check; use e.g. 1719 for
-"no pruning during the first epoch".
+optimizer steps, not epochs: one epoch is ceil(train images / data.batch_size) steps (1719 for
+MNIST's 55,000 at batch 32; a last batch of one is merged). The old ``n_warmup_steps: 1`` (epoch 1
+spared, reported at step 0) is ``n_warmup_steps: 1720`` now: no check up to and including the first
+epoch's end can prune; ``n_warmup_steps: 1`` would let the first check (step ``train.val_every``) prune.
 """
 
 from __future__ import annotations
