@@ -117,26 +117,28 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
 
 
 def learning_curves(cells: Sequence[CellResult], layout: Layout, target: float, path: Path, dpi: int = DPI) -> Path:
-    """val_acc per epoch at each cell's best LR: every repeat thin, their mean bold; one panel per group."""
+    """val_acc per (fractional) epoch at each cell's best LR: every repeat thin, their mean bold; a panel per group."""
     fig, axes = _panels(1, len(layout.groups), sharey=True)
     for c in cells:
         ax = axes[0, layout.groups.index(layout.group(c))]
-        runs = [t.val_acc for t in c.repeats if t.val_acc] or ([c.best.val_acc] if c.best and c.best.val_acc else [])
-        if not runs:
+        trials = [t for t in c.repeats if t.val_acc] or ([c.best] if c.best and c.best.val_acc else [])
+        if not trials:
             continue
+        runs = [t.val_acc for t in trials]  # checks at the same steps in every repeat (same val_every, data)
+        x = [t.val_epoch if len(t.val_epoch) == len(t.val_acc) else range(1, len(t.val_acc) + 1) for t in trials]
         color = _color(layout, c.labels[layout.row])
-        for r in runs:
-            ax.plot(range(1, len(r) + 1), r, color=color, alpha=0.3, lw=0.8, marker="." if len(r) < 3 else None)
+        for xs, r in zip(x, runs, strict=True):
+            ax.plot(xs, r, color=color, alpha=0.3, lw=0.8, marker="." if len(r) < 3 else None)
         n = max(len(r) for r in runs)
         mean = [np.mean([r[e] for r in runs if len(r) > e]) for e in range(n)]
-        ax.plot(range(1, n + 1), mean, color=color, lw=2, marker="o", ms=3,
+        longest = next(xs for xs, r in zip(x, runs, strict=True) if len(r) == n)
+        ax.plot(longest, mean, color=color, lw=2, marker="o", ms=3,
                 label=f"{c.labels[layout.row]} ({len(runs)} run{'s' * (len(runs) > 1)})")
     for j, g in enumerate(layout.groups):
         ax = axes[0, j]
         ax.axhline(target, color="gray", ls="--", lw=0.8)
         ax.set_title(g, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch (samples seen / training images)")
         ax.legend(fontsize=8, loc="lower right")
     axes[0, 0].set_ylabel("val acc (best LR)")
     return _save(fig, path, dpi)

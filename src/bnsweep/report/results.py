@@ -45,7 +45,8 @@ class TrialResult:
     metrics: dict[str, float]
     run_id: str | None
     repeat: int | None = None  # k of a repeat (seed + k at the best LR); None for an LR-search trial
-    val_acc: list[float] = field(default_factory=list)  # per epoch; fetched for best trials and repeats
+    val_acc: list[float] = field(default_factory=list)  # per check; fetched for best trials and repeats
+    val_epoch: list[float] = field(default_factory=list)  # each check's fractional epoch (empty for old runs)
 
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialResult:
@@ -99,6 +100,8 @@ def fetch_mlflow(client: MlflowClient, cells: Sequence[CellResult]) -> None:
     def history(t: TrialResult) -> None:
         t.val_acc = [m.value for m in sorted(client.get_metric_history(t.run_id, "val_acc"),
                                              key=lambda m: m.step)]
+        t.val_epoch = [m.value for m in sorted(client.get_metric_history(t.run_id, "val_epoch"),
+                                               key=lambda m: m.step)]
 
     def diag(c: CellResult, run_id: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
