@@ -22,7 +22,7 @@ from bnsweep.training.run import RunResult, run_training
 
 SMALL = ("data.limit_train=600", "data.val_size=500", "data.eval_batch_size=250", "trainer.max_epochs=2",
          "trainer.accelerator=cpu", "train.eval_batch_sizes=[]", "model.hidden=[32,16]", "threads=1",
-         "train.val_every=5")  # 19 steps per epoch: checks within the epoch (5, 10, 15), at its end (19), ...
+         "train.val_every=5")  # 19 steps per epoch: checks at steps 5, 10, 15, 19 (end), 24, 29, 34, 38 (end)
 EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc")
 FINAL = ("best_val_acc", "epochs_to_converge", "steps_to_converge", "converged", "epochs_run", "test_acc",
          "test_loss", "test_acc_precise", "params_trainable", "params_non_trainable")

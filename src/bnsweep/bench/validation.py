@@ -10,9 +10,20 @@ within the epoch; no MLflow, so only training and validation are timed.
 from __future__ import annotations
 
 import statistics
+import time
 
 from bnsweep.config import compose, instantiate
+from bnsweep.training import bn_eval
 from bnsweep.training.run import quiet_lightning, run_training
+
+
+def validation_pass_s(cfg, dm) -> float:
+    """Seconds of one check: a pass over the validation images in eval mode, as the module runs it."""
+    model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
+    t, size = dm.tensors, dm.eval_batch_size
+    start = time.perf_counter()
+    bn_eval.evaluate(model, zip(t["val_x"].split(size), t["val_y"].split(size), strict=True))
+    return time.perf_counter() - start
 
 
 def measure(epochs: int, rounds: int) -> dict[str, float]:
@@ -23,7 +34,7 @@ def measure(epochs: int, rounds: int) -> dict[str, float]:
     once = compose("train", [*base, "train.val_every=null"])
     dm = instantiate(every.data)
     dm.setup()
-    times: dict[str, list[float]] = {"every": [], "once": []}
+    times: dict[str, list[float]] = {"every": [], "once": [], "pass": []}
     checks = 0
     for _ in range(rounds):
         for name, cfg in (("every", every), ("once", once)):
@@ -31,16 +42,19 @@ def measure(epochs: int, rounds: int) -> dict[str, float]:
             times[name] += [r["epoch_time_s"] for r in result.history]
             if name == "every":
                 checks = len(result.checks)
+            times["pass"].append(validation_pass_s(cfg, dm))
     return {"val_every": every.train.val_every, "every": statistics.median(times["every"]),
-            "once": statistics.median(times["once"]), "checks_per_epoch": checks / epochs,
-            "val_images": len(dm.tensors["val_x"])}
+            "once": statistics.median(times["once"]), "pass": statistics.median(times["pass"]),
+            "checks_per_epoch": checks / epochs, "val_images": len(dm.tensors["val_x"])}
 
 
 def report(epochs: int = 1, rounds: int = 2) -> None:
     r = measure(epochs, rounds)
     print(f"\n[validation] experiment=seed001_bn, MNIST 55k, batch 32, {r['val_images']} validation images, "
           f"median s/epoch of {rounds} interleaved rounds x {epochs} epoch(s)")
-    print(f"  train.val_every={r['val_every']} ({r['checks_per_epoch']:.1f} checks/epoch) "
-          f"{r['every']:7.2f} s/epoch")
-    print(f"  train.val_every=null (1 check/epoch)     {r['once']:7.2f} s/epoch")
-    print(f"  ratio val_every / once per epoch         {r['every'] / r['once']:7.2f}x")
+    every = f"train.val_every={r['val_every']} ({r['checks_per_epoch']:.1f} checks/epoch)"
+    print(f"  {every:<42}{r['every']:7.2f} s/epoch")
+    print(f"  {'train.val_every=null (1 check/epoch)':<42}{r['once']:7.2f} s/epoch")
+    print(f"  {'ratio val_every / once per epoch':<42}{r['every'] / r['once']:7.2f}x")
+    extra = (r["checks_per_epoch"] - 1) * r["pass"] / r["once"]  # the same cost from one pass's time
+    print(f"  {'one validation pass':<42}{r['pass']:7.3f} s   (extra checks x pass / epoch: +{extra:.1%})")

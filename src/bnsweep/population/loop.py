@@ -223,7 +223,7 @@ class Population:
             for i, idx in enumerate(steps[start : start + self.chunk_steps], start):
                 b = train_step(self.net, self.opt, t["train_x"][idx], t["train_y"][idx], per_member, self.sums)
                 n, self.steps, self.samples = n + b, self.steps + 1, self.samples + b
-                if self.val_every and self.steps % self.val_every == 0 and i < len(steps) - 1:
+                if self.val_every and (i + 1) % self.val_every == 0 and i < len(steps) - 1:
                     self.find_diverged(n, epoch, stopping)  # as a single run, which stops at this step
                     self.check(stopping)
             # One host sync per chunk, as a single run: stop a diverging member at once.

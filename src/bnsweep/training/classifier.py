@@ -32,7 +32,7 @@ class CheckCallback(pl.Callback):
 
 
 class ClassifierModule(pl.LightningModule):
-    """Trains ``model`` with cross-entropy; validates every ``val_every`` optimizer steps and at each epoch's end.
+    """Trains ``model`` with cross-entropy; validates every ``val_every`` steps of an epoch and at its end.
 
     Optimization is manual so that one call can run a whole chunk of mini-batches (see
     ``data.MinibatchChunks``); each mini-batch is still one ordinary optimizer step. Checks within an
@@ -63,6 +63,7 @@ class ClassifierModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._epoch_steps = 0  # the within-epoch check cadence restarts each epoch, as Lightning's would
         self._sums["train"] = torch.zeros(3, device=self.device)  # loss*n, correct, n
 
     def training_step(self, chunk: Chunk, chunk_idx: int) -> None:
@@ -76,12 +77,12 @@ class ClassifierModule(pl.LightningModule):
             self.manual_backward(loss)
             opt.step()
             sums += torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), sums.new_tensor(len(y))])
-            self.steps += 1
+            self.steps, self._epoch_steps = self.steps + 1, self._epoch_steps + 1
             self.samples += len(y) * self.trainer.world_size  # DDP: each rank holds its shard of the batch
             epoch_end = last_chunk and i == len(chunk) - 1  # Lightning's validation loop checks there
-            if self.val_every and self.steps % self.val_every == 0 and not epoch_end:
+            if self.val_every and self._epoch_steps % self.val_every == 0 and not epoch_end:
                 self._stop_if_diverged(sums)  # a diverged run is "diverged", not pruned for its NaN val_acc
-                self._check(*self.evaluate(self.trainer.datamodule.val_dataloader()))
+                self._check(*self._validate())
         # One host sync per chunk: stop a diverging run at once instead of burning its budget.
         self._stop_if_diverged(sums)
 
@@ -132,6 +133,12 @@ class ClassifierModule(pl.LightningModule):
         for callback in self.trainer.callbacks:
             if isinstance(callback, CheckCallback):
                 callback.on_validation_check(self.trainer, self, check)
+
+    def _validate(self) -> tuple[float, float]:
+        """A check within the epoch: the validation loop's batches, as views of the tensors (no copies)."""
+        dm = self.trainer.datamodule
+        x, y, size = dm.tensors["val_x"], dm.tensors["val_y"], dm.eval_batch_size
+        return evaluate(self.model, zip(x.split(size), y.split(size), strict=True))[0]
 
     def evaluate(self, chunks: Iterable[Chunk]) -> tuple[float, float]:
         """Mean loss and accuracy in eval mode (BN running statistics): one pass, no Lightning loop."""

@@ -1,6 +1,7 @@
 """A run's convergence, computed from its validation checks: epochs (fractional) and steps to the target.
 
-A run validates every ``train.val_every`` optimizer steps and at the end of every epoch (a *check*).
+A run validates every ``train.val_every`` optimizer steps within each epoch (counted from the epoch's
+start) and at the end of every epoch (a *check*).
 Epochs to the target are counted in training samples seen, so a run that reaches it at the third of
 four checks in its first epoch gets ~0.75, not 1: within-epoch differences between cells stay visible.
 """

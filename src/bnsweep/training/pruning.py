@@ -9,6 +9,7 @@ optimizer steps, not epochs: one epoch is ceil(train images / data.batch_size) s
 MNIST's 55,000 at batch 32; a last batch of one is merged). The old ``n_warmup_steps: 1`` (epoch 1
 spared, reported at step 0) is ``n_warmup_steps: 1720`` now: no check up to and including the first
 epoch's end can prune; ``n_warmup_steps: 1`` would let the first check (step ``train.val_every``) prune.
+Hyperband's ``max_resource`` must be in steps too (``"auto"`` reads it from finished trials).
 """
 
 from __future__ import annotations
