@@ -80,7 +80,8 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeri
 
 
 def to_markdown(rows: Sequence[dict[str, Any]], target_acc: float) -> str:
-    note = (f"\nepochs to target: first epoch with val acc >= {target_acc:g} at the best LR (budget + 1 = "
+    note = (f"\nepochs to target: epochs (samples seen / training images) at the first validation check with "
+            f"val acc >= {target_acc:g} at the best LR (budget + 1 = "
             "never); LR basin: decades of LR that reached the target; '-': no trial got there; precise BN - running: "
             "test acc with population statistics recomputed on the training set minus test acc with BN's "
             "running averages, at the best LR.")
