@@ -21,10 +21,12 @@ from bnsweep.sweep.slots import best_trial, is_repeat
 from bnsweep.training.run import RunResult, run_training
 
 SMALL = ("data.limit_train=600", "data.val_size=500", "data.eval_batch_size=250", "trainer.max_epochs=2",
-         "trainer.accelerator=cpu", "train.eval_batch_sizes=[]", "model.hidden=[32,16]", "threads=1")
+         "trainer.accelerator=cpu", "train.eval_batch_sizes=[]", "model.hidden=[32,16]", "threads=1",
+         "train.val_every=5")  # 19 steps per epoch: checks at steps 5, 10, 15, 19 (end), 24, 29, 34, 38 (end)
 EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc")
-FINAL = ("best_val_acc", "epochs_to_converge", "converged", "test_acc", "test_loss", "test_acc_precise",
-         "params_trainable", "params_non_trainable", "test_acc_batch1", "test_acc_batch8", "test_loss_batch8")
+FINAL = ("best_val_acc", "epochs_to_converge", "steps_to_converge", "converged", "epochs_run", "test_acc",
+         "test_loss", "test_acc_precise", "params_trainable", "params_non_trainable", "test_acc_batch1",
+         "test_acc_batch8", "test_loss_batch8")
 
 
 def configs(tmp_path: Path, members: list[tuple[float, int]], *extra: str) -> list:
@@ -48,9 +50,13 @@ def assert_same(member: RunResult, single: RunResult, tol: float = 1e-4) -> None
     assert member.outcome == single.outcome
     assert len(member.history) == len(single.history)
     for a, b in zip(member.history, single.history, strict=True):
-        assert a["epoch"] == b["epoch"]
+        assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
         for key in EPOCH:
             assert a[key] == pytest.approx(b[key], rel=tol, abs=tol), (key, a["epoch"])
+    assert [(c["step"], c["samples"], c["val_epoch"]) for c in member.checks] == [
+        (c["step"], c["samples"], c["val_epoch"]) for c in single.checks]
+    for a, b in zip(member.checks, single.checks, strict=True):
+        assert a["val_acc"] == pytest.approx(b["val_acc"], rel=tol, abs=tol), a["step"]
     for key in FINAL:
         if key in single.metrics:
             assert member.metrics[key] == pytest.approx(single.metrics[key], rel=tol, abs=tol), key
@@ -92,7 +98,7 @@ def test_a_diverging_and_a_pruned_member_leave_the_others_untouched(seeds: tuple
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=0.2))
     trials = [study.ask() for _ in range(4)]
     done: list[int] = []
-    # lr 5000 blows up in the first chunk; lr 1e-6 stays at chance and the pruner stops it after epoch 1
+    # lr 5000 blows up before the first check; lr 1e-6 stays at chance and the pruner stops it at its first check
     lrs = [0.2, 5000.0, 1e-6, 0.4]
     result = run_population(configs(tmp_path, list(zip(lrs, seeds, strict=True))), datamodule=dm,
                             track=False, trials=trials, on_done=lambda i, r: done.append(i))
@@ -102,8 +108,9 @@ def test_a_diverging_and_a_pruned_member_leave_the_others_untouched(seeds: tuple
     assert diverged.outcome == "diverged" and diverged.metrics["diverged"] == 1.0 and not diverged.history
     assert "test_acc" not in diverged.metrics and trials[1].number not in [t.number for t in study.trials
                                                                           if t.intermediate_values]
-    assert pruned.outcome == "pruned" and len(pruned.history) == 1 and "test_acc" not in pruned.metrics
-    assert list(study.trials[2].intermediate_values) == [0]  # reported as the Lightning callback does
+    assert pruned.outcome == "pruned" and not pruned.history and "test_acc" not in pruned.metrics
+    assert [c["step"] for c in pruned.checks] == [5] and not diverged.checks
+    assert list(study.trials[2].intermediate_values) == [5]  # reported as CheckPruning does: step = optimizer steps
     for member, ref in zip((result[0], result[3]), reference, strict=True):
         assert member.outcome == "completed"
         assert_same(member, ref, tol=1e-5)
@@ -132,7 +139,9 @@ def test_population_sweep_runs_every_trial_once_as_its_own_run(mlflow_server: st
     for r in runs:
         assert {"test_acc", "test_acc_precise", "best_val_acc", "epochs_to_converge", "runtime_s", "s_per_epoch",
                 "train_loss", "val_acc", "epoch_time_s", "params_trainable"} <= set(r.data.metrics)
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
+        val_epoch = client.get_metric_history(r.info.run_id, "val_epoch")  # tiny: val_every > one epoch
+        assert [m.value for m in val_epoch] == [1.0]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [val_epoch[0].step]
         assert r.data.tags["outcome"] == "completed" and "mlflow.parentRunId" in r.data.tags
     assert {(r.data.tags["optuna.study"], r.data.tags["optuna.trial"]) for r in runs} == {
         (s.study_name, str(t.number)) for s in studies for t in s.trials}

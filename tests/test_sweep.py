@@ -133,7 +133,9 @@ def test_tiny_sweep_two_workers_exact_counts(tiny_sweep: SimpleNamespace) -> Non
         assert {"test_acc", "test_acc_precise", "best_val_acc", "epochs_to_converge", "runtime_s"} <= set(
             r.data.metrics)
         assert "test_acc_batch1" not in r.data.metrics  # small-batch evaluation: single runs only
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1]
+        val_epoch = client.get_metric_history(r.info.run_id, "val_epoch")  # tiny: val_every > one epoch
+        assert [m.value for m in val_epoch] == [1.0]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [val_epoch[0].step]
         assert r.data.tags["optuna.study"].startswith(f"{name}/")
     trial_ids = {(r.data.tags["optuna.study"], int(r.data.tags["optuna.trial"])) for r in runs["trial"]}
     assert len(trial_ids) == 10

@@ -18,7 +18,8 @@ from bnsweep.training.run import run_training
 
 QUICK = ["data.limit_train=3000", "data.val_size=1000", "trainer.max_epochs=2", "trainer.accelerator=cpu"]
 EPOCH_KEYS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
-FINAL_KEYS = ["test_acc", "test_loss", "best_val_acc", "runtime_s", "eval_time_s", "epochs_to_converge", "converged"]
+FINAL_KEYS = ["test_acc", "test_loss", "best_val_acc", "runtime_s", "eval_time_s", "epochs_to_converge",
+              "steps_to_converge", "converged", "epochs_run", "s_per_epoch"]
 
 
 def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, data_root: str) -> None:
@@ -28,13 +29,14 @@ def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, d
     client = MlflowClient(mlflow_server)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    for key in EPOCH_KEYS:
+    for key in EPOCH_KEYS:  # at step = optimizer steps at each epoch's end (val_every > an epoch here)
         history = client.get_metric_history(result.run_id, key)
-        assert sorted(m.step for m in history) == [1, 2], key
+        assert sorted(m.step for m in history) == [r["step"] for r in result.history], key
     for key in FINAL_KEYS + ["params_trainable", "params_non_trainable"]:
         assert key in run.data.metrics, key
     m = run.data.metrics
     assert 0.5 < m["test_acc"] <= 1 and m["converged"] == 1 and m["epochs_to_converge"] in (1, 2)
+    assert m["steps_to_converge"] == result.history[int(m["epochs_to_converge"]) - 1]["step"]
     assert m["best_val_acc"] == max(h.value for h in client.get_metric_history(result.run_id, "val_acc"))
     assert m["params_non_trainable"] == 2368
     # BN at inference: population statistics ~ running averages here; one image at a time, BN's
@@ -68,11 +70,14 @@ def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, d
 
 
 def test_same_config_and_seed_give_the_same_numbers(data_root: str) -> None:
-    cfg = make_cfg(*QUICK, "trainer.max_epochs=1", "model.bn.placement=before_act", f"data.root={data_root}")
+    cfg = make_cfg(*QUICK, "trainer.max_epochs=1", "model.bn.placement=before_act", f"data.root={data_root}",
+                   "train.val_every=30")
     a, b = run_training(cfg, track=False), run_training(cfg, track=False)
     keys = ["train_loss", "train_acc", "val_loss", "val_acc"]
     assert [[r[k] for k in keys] for r in a.history] == [[r[k] for k in keys] for r in b.history]
+    assert len(a.checks) == 4 and a.checks == b.checks  # 3 within the epoch (94 steps), 1 at its end
     assert a.metrics["test_acc"] == b.metrics["test_acc"]
+    assert a.metrics["epochs_to_converge"] == b.metrics["epochs_to_converge"]
     c = run_training(make_cfg(*QUICK, "trainer.max_epochs=1", "model.bn.placement=before_act",
                               f"data.root={data_root}", "seed=1"), track=False)
     assert c.history[0]["train_loss"] != a.history[0]["train_loss"]
@@ -86,6 +91,7 @@ def test_a_diverging_run_stops_and_is_recorded(mlflow_server: str, data_root: st
     run = MlflowClient(mlflow_server).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["diverged"] == "true"
     assert run.data.metrics["converged"] == 0 and run.data.metrics["epochs_to_converge"] == 6
+    assert run.data.metrics["steps_to_converge"] == 6 * 94  # censored: 6 epochs of 3000 images at batch 32
     assert "test_acc" not in run.data.metrics
 
 

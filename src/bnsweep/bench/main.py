@@ -27,7 +27,7 @@ from bnsweep.config import compose, instantiate
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import quiet_lightning, run_training
 
-SECTIONS = ["training", "sweep", "latency", "population", "peers"]
+SECTIONS = ["training", "validation", "sweep", "latency", "population", "peers"]
 QUICK_TRAIN = 2000  # --quick: training images per run
 
 
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()} threads, {matmul_peak(torch.device('cpu'), 1) / 1e9:.1f} on 1")
     if args.only in (None, "training"):
         report_training(args.epochs, limit)
+    if args.only in (None, "validation"):  # the cost of checks within the epoch (train.val_every)
+        from bnsweep.bench.validation import report as report_validation
+
+        report_validation()
     if args.only in (None, "sweep"):
         report_sweep(args.trials, args.repeats, limit)
     if args.only in (None, "latency"):

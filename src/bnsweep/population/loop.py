@@ -38,10 +38,14 @@ from bnsweep.training import bn_eval
 from bnsweep.training.checks import validate
 from bnsweep.training.data import InMemoryDataModule, MinibatchChunks
 from bnsweep.training.models import param_counts
+from bnsweep.training.pruning import report_check
 from bnsweep.training.run import (
     RunResult,
     abort_tracker,
+    check_metrics,
     close_tracker,
+    epoch_metrics,
+    epoch_size,
     final_metrics,
     new_tracker,
     prepare,
@@ -97,6 +101,7 @@ class Member:
     trial: optuna.Trial | None = None  # reported to and pruned by Optuna when given
     heartbeat: Callable[[], None] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    checks: list[dict[str, float]] = field(default_factory=list)  # every validation check, as a single run's
     runtime: float = 0.0
     epoch_time: float = 0.0
 
@@ -205,6 +210,8 @@ class Population:
         self.order = BatchOrder(t["train_x"], t["train_y"], dm.batch_size, [int(m.cfg.data.seed) for m in members])
         self.chunk_steps, self.max_loss = dm.chunk_steps, float(base.train.max_loss)
         self.sums = torch.zeros(len(members), 2, device=device)  # per member: loss * n, correct
+        self.val_every, self.train_size = base.train.get("val_every"), epoch_size(dm)[0]
+        self.steps = self.samples = 0  # optimizer steps and training samples so far (the same for every member)
         self.clock = time.perf_counter()
 
     def charge(self) -> None:
@@ -236,7 +243,7 @@ class Population:
                small: dict[str, float] | None = None) -> None:
         """``eval_s``: the member's share of the population's test evaluation (its ``eval_time_s``);
         ``small``: its small-batch test metrics, measured for all members at once."""
-        final = final_metrics(m.cfg, m.history, outcome, m.runtime, self.counts)
+        final = final_metrics(m.cfg, m.history, m.checks, self.dm, outcome, m.runtime, self.counts)
         if test is not None:
             started = time.perf_counter()
             cfg = m.cfg
@@ -246,8 +253,8 @@ class Population:
             final |= test_metrics(cfg, m.model, self.dm, *test, precise=precise) | (small or {})
             final["eval_time_s"] = eval_s + time.perf_counter() - started
         if m.tracker:
-            close_tracker(m.tracker, m.cfg, m.model, self.dm, final, outcome, len(m.history))
-        result = RunResult(m.tracker.run_id if m.tracker else None, final, m.history, outcome, m.tracker)
+            close_tracker(m.tracker, m.cfg, m.model, self.dm, final, outcome, self.steps)
+        result = RunResult(m.tracker.run_id if m.tracker else None, final, m.history, outcome, m.tracker, m.checks)
         self.on_done(m, result)
 
     def run_epoch(self, epoch: int) -> None:
@@ -257,19 +264,21 @@ class Population:
         self.sums.zero_()
         n = 0
         steps, per_member = self.order.epoch([int(m.cfg.data.seed) for m in self.active])
+        stopping: dict[int, str] = {}  # position in active -> outcome, for members to drop at the chunk's end
         for start in range(0, len(steps), self.chunk_steps):
-            for idx in steps[start : start + self.chunk_steps]:
-                n += train_step(self.net, self.opt, t["train_x"][idx], t["train_y"][idx], per_member, self.sums)
+            for i, idx in enumerate(steps[start : start + self.chunk_steps], start):
+                b = train_step(self.net, self.opt, t["train_x"][idx], t["train_y"][idx], per_member, self.sums)
+                n, self.steps, self.samples = n + b, self.steps + 1, self.samples + b
+                if self.val_every and (i + 1) % self.val_every == 0 and i < len(steps) - 1:
+                    self.find_diverged(n, epoch, stopping)  # as a single run, which stops at this step
+                    self.check(stopping)
             # One host sync per chunk, as a single run: stop a diverging member at once.
-            mean_loss = [loss / n for loss in self.sums[:, 0].tolist()]
+            self.find_diverged(n, epoch, stopping)
             self.charge()
-            bad = [j for j, v in enumerate(mean_loss) if not math.isfinite(v) or v > self.max_loss]
-            if not bad:
+            if not stopping:
                 continue
-            for j in bad:
-                log.warning("member %d diverged: training loss %.3g in epoch %d", self.active[j].index,
-                            mean_loss[j], epoch)
-            keep = self.drop(bad, "diverged")
+            keep = self.stop(stopping)
+            stopping = {}
             if not self.active:
                 return
             if per_member:  # the survivors' own orders; a single one left is one index tensor per step
@@ -277,24 +286,60 @@ class Population:
                 steps = [s[int(keep[0])] if one else s.index_select(0, keep) for s in steps]
                 per_member = not one
         train = [(loss / n, correct / n) for loss, correct in self.sums.tolist()]
-        val = evaluate(self.net, t["val_x"], t["val_y"], self.dm.eval_batch_size)
-        self.charge()
-        pruned = []
         for j, m in enumerate(self.active):
             m.history.append({"epoch": epoch, "train_loss": train[j][0], "train_acc": train[j][1],
-                              "val_loss": val[j][0], "val_acc": val[j][1], "epoch_time_s": m.epoch_time})
-            if m.trial is not None:  # as optuna's Lightning callback: float32 value, 0-based epoch
-                m.trial.report(float(torch.tensor(val[j][1])), step=epoch - 1)
-                if m.trial.should_prune():
-                    pruned.append(j)
-                    continue
-            if m.tracker:  # (a pruned single run never reaches its epoch logger either)
-                row = dict(m.history[-1])
-                m.tracker.log(row, step=int(row.pop("epoch")))
+                              "val_loss": math.nan, "val_acc": math.nan, "epoch_time_s": 0.0, "step": self.steps})
+        self.check(stopping)  # the epoch's end: fills in the history rows' val_loss, val_acc
+        self.charge()
+        for j, m in enumerate(self.active):
+            m.history[-1]["epoch_time_s"] = m.epoch_time
+            if j in stopping:  # (a pruned single run never reaches its epoch logger either)
+                continue
+            if m.tracker:
+                m.tracker.log(epoch_metrics(m.history[-1]), step=self.steps)
             if m.heartbeat:
                 m.heartbeat()
-        if pruned:
-            self.drop(pruned, "pruned")
+        if stopping:
+            self.stop(stopping)
+
+    def find_diverged(self, n: int, epoch: int, stopping: dict[int, str]) -> None:
+        """Mark members whose mean training loss this epoch is NaN/inf or above ``train.max_loss`` (one host sync)."""
+        for j, v in enumerate(loss / n for loss in self.sums[:, 0].tolist()):
+            if j not in stopping and (not math.isfinite(v) or v > self.max_loss):
+                log.warning("member %d diverged: training loss %.3g in epoch %d", self.active[j].index, v, epoch)
+                stopping[j] = "diverged"
+
+    def check(self, stopping: dict[int, str]) -> None:
+        """A validation check of every member still training, at the step its single run would check.
+
+        Each member records, logs and reports it as ``ClassifierModule`` and ``CheckPruning`` would; a
+        member its pruner stops is marked "pruned" in ``stopping`` (dropped at the chunk's end, having
+        stopped here: nothing it does until then is recorded). At an epoch's end it also fills in the
+        member's history row.
+        """
+        t = self.dm.tensors
+        val = evaluate(self.net, t["val_x"], t["val_y"], self.dm.eval_batch_size)
+        for j, m in enumerate(self.active):
+            if j in stopping:
+                continue
+            row = {"step": self.steps, "samples": self.samples, "val_epoch": self.samples / self.train_size,
+                   "val_loss": val[j][0], "val_acc": val[j][1]}
+            m.checks.append(row)
+            if m.history and m.history[-1]["step"] == self.steps:
+                m.history[-1] |= {"val_loss": val[j][0], "val_acc": val[j][1]}
+            if m.tracker:
+                m.tracker.log(check_metrics(row), step=self.steps)
+            if m.trial is not None and report_check(m.trial, row):
+                stopping[j] = "pruned"
+
+    def stop(self, stopping: dict[int, str]) -> torch.Tensor:
+        """Drop the marked members (diverged first, then pruned); return the positions kept, as ``drop``."""
+        keep = torch.arange(len(self.active), device=self.sums.device)
+        for outcome in ("diverged", "pruned"):
+            gone = [int(p) for p, j in enumerate(keep.tolist()) if stopping.get(j) == outcome]
+            if gone:
+                keep = keep[self.drop(gone, outcome)]
+        return keep
 
     def run(self, epochs: int) -> None:
         for epoch in range(1, epochs + 1):

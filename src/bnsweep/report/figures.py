@@ -116,7 +116,7 @@ def lr_curves(cells: Sequence[CellResult], layout: Layout, target: float, search
 
 
 def learning_curves(cells: Sequence[CellResult], layout: Layout, target: float, path: Path, dpi: int = DPI) -> Path:
-    """val_acc per epoch at each cell's best LR: every repeat thin, their mean bold; one panel per group."""
+    """val_acc per (fractional) epoch at each cell's best LR: every repeat thin, their mean bold; a panel per group."""
     fig, axes = _panels(1, len(layout.groups), sharey=True)
     for c in cells:
         ax = axes[0, layout.groups.index(layout.group(c))]
@@ -124,7 +124,7 @@ def learning_curves(cells: Sequence[CellResult], layout: Layout, target: float, 
         if not runs:
             continue
         color = _color(layout, c.labels[layout.row])
-        for t in runs:
+        for t in runs:  # checks at the same steps in every repeat (same val_every, data)
             ax.plot(t.epochs, t.val_acc, color=color, alpha=0.3, lw=0.8, marker="." if len(t.val_acc) < 3 else None)
         longest = max(runs, key=lambda t: len(t.val_acc))
         n = len(longest.val_acc)
@@ -135,8 +135,7 @@ def learning_curves(cells: Sequence[CellResult], layout: Layout, target: float, 
         ax = axes[0, j]
         ax.axhline(target, color="gray", ls="--", lw=0.8)
         ax.set_title(g, fontsize=10)
-        ax.set_xlabel("epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("epoch (samples seen / training images)")
         ax.legend(fontsize=8, loc="lower right")
     axes[0, 0].set_ylabel("val acc (best LR)")
     return _save(fig, path, dpi)

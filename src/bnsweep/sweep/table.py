@@ -123,10 +123,11 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeri
 
 
 def to_markdown(rows: Sequence[dict[str, Any]], target_acc: float) -> str:
-    note = (f"\nepochs to target: first epoch with val acc >= {target_acc:g} at the best LR (budget + 1 = "
-            "never); LR basin: decades of LR that reached the target; '-': no trial got there; basin width: "
-            "decades between the two edges' brackets (an open edge, flagged: the basin reaches the search's limit "
-            "there, so the width is only a lower bound); precise BN - running: "
+    note = (f"\nepochs to target: epochs (samples seen / training images) at the first validation check with "
+            f"val acc >= {target_acc:g} at the best LR (budget + 1 = never); LR basin: decades of LR that reached "
+            "the target; '-': no trial got there; basin width: decades between the two edges' brackets (an open "
+            "edge, flagged: the basin reaches the search's limit there, so the width is only a lower bound); "
+            "precise BN - running: "
             "test acc with population statistics recomputed on the training set minus test acc with BN's "
             "running averages, at the best LR.")
     return markdown_table(*formatted(rows)) + "\n" + note + "\n"

@@ -31,7 +31,6 @@ import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
-from optuna_integration import PyTorchLightningPruningCallback
 
 from bnsweep.config import compose, instantiate
 from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
@@ -46,6 +45,7 @@ from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lo
 from bnsweep.sweep.storage import heartbeat_enabled, open_storage, sweep_studies
 from bnsweep.tracking.runs import answers, get_or_create_experiment, mark_killed, quick_requests
 from bnsweep.training.data import InMemoryDataModule
+from bnsweep.training.pruning import CheckPruning
 from bnsweep.training.run import RunResult, quiet_lightning, run_training
 
 log = logging.getLogger("bnsweep.worker")
@@ -186,7 +186,7 @@ class Worker:
     def run_trial(self, study: optuna.Study, trial: optuna.Trial, cfg: DictConfig) -> None:
         # Repeats get the full budget; a DDP trial is not pruned (the other ranks hold no trial).
         pruning = [] if trial.user_attrs.get("repeat") or self.world > 1 else [
-            PyTorchLightningPruningCallback(trial, monitor="val_acc")]
+            CheckPruning(trial, monitor="val_acc")]
         self.share(OmegaConf.to_container(cfg, resolve=True))
         try:
             with beating(self.storage, trial, self.heartbeat_s):

@@ -34,6 +34,7 @@ def validate(cfg: DictConfig) -> None:
     check_int("trainer.max_epochs", cfg.trainer.max_epochs, 1)
     check_range("train.target_acc", cfg.train.target_acc, 0, 1, low_open=True)
     check_range("train.max_loss", cfg.train.max_loss, 0, low_open=True)
+    check_val_every(cfg.train.get("val_every"))
     for size in cfg.train.get("eval_batch_sizes") or ():
         check_int("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
@@ -61,3 +62,10 @@ def check_types(cfg: DictConfig) -> None:
     for group in ("hidden", "channels"):
         for i, width in enumerate(OmegaConf.select(cfg, f"model.{group}", default=None) or ()):
             check_int(f"model.{group}[{i}]", width, 1)
+
+
+def check_val_every(value: object) -> None:
+    """train.val_every: optimizer steps between validation checks (an integer >= 1), or null: epoch ends only."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"train.val_every={value!r} is not allowed; it must be an integer >= 1 (optimizer "
+                          "steps between validation checks) or null (validate only at each epoch's end)")

@@ -1,7 +1,9 @@
 """One training run = one MLflow run: ``bnsweep train experiment=seed001_bn``.
 
-Logs the flattened config as params, per-epoch metrics at step = epoch (1-based), the final
-metrics (test_acc, test_loss, best_val_acc, runtime_s, epochs_to_converge, converged), tags
+Logs the flattened config as params (and ``val_every``), every validation check's val_acc, val_loss
+and val_epoch (fractional epochs: samples seen / training images) and each epoch's train_loss,
+train_acc and epoch_time_s, all at step = optimizer steps so far; the final metrics (test_acc,
+test_loss, best_val_acc, runtime_s, epochs_to_converge, steps_to_converge, converged), tags
 (git commit, data source, torch version, device) and artifacts (config.yaml, model_summary.txt, and
 model.pt: the trained weights, see checkpoint.py). ``main`` is the ``bnsweep train`` command.
 """
@@ -24,13 +26,13 @@ from optuna import TrialPruned
 from bnsweep.config import instantiate
 from bnsweep.defaults import CONF_DIR
 from bnsweep.errors import redact, run_app
-from bnsweep.tracking.runs import EpochLogger, RunTracker, flatten, git_commit, resolve_uri
+from bnsweep.tracking.runs import RunTracker, flatten, git_commit, resolve_uri
 from bnsweep.tracking.server import check_reachable
 from bnsweep.training import bn_eval, checkpoint
 from bnsweep.training.checks import validate
-from bnsweep.training.classifier import ClassifierModule, TrainingDiverged
-from bnsweep.training.convergence import convergence_metrics
-from bnsweep.training.data import InMemoryDataModule
+from bnsweep.training.classifier import CheckCallback, ClassifierModule, TrainingDiverged
+from bnsweep.training.convergence import Check, convergence_metrics
+from bnsweep.training.data import InMemoryDataModule, MinibatchChunks
 from bnsweep.training.diagnostics import Diagnostics
 from bnsweep.training.models import model_summary, param_counts
 
@@ -41,9 +43,10 @@ log = logging.getLogger("bnsweep")
 class RunResult:
     run_id: str | None
     metrics: dict[str, float]
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per completed epoch
     outcome: str = "completed"  # completed | pruned (by Optuna) | diverged
     tracker: RunTracker | None = None  # close() it when logging went to the background
+    checks: list[dict[str, float]] = field(default_factory=list)  # every validation check (ClassifierModule.checks)
 
     @property
     def diverged(self) -> bool:
@@ -58,14 +61,53 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 
 
-class EpochPrinter(pl.Callback):
-    """One line per epoch on stderr, for runs started by hand."""
+class EpochPrinter(CheckCallback):
+    """One line per epoch, and one per check within an epoch, on stderr, for runs started by hand."""
+
+    def on_validation_check(self, trainer: pl.Trainer, module: ClassifierModule, check: dict[str, float]) -> None:
+        if not module.history or module.history[-1]["step"] != check["step"]:  # the epoch's end prints below
+            print(f"  epoch {check['val_epoch']:.2f}  step {int(check['step'])}  val_loss {check['val_loss']:.4f}  "
+                  f"val_acc {check['val_acc']:.4f}", file=sys.stderr, flush=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         r = module.history[-1]
         print(f"epoch {r['epoch']}/{trainer.max_epochs}  train_loss {r['train_loss']:.4f}  "
               f"train_acc {r['train_acc']:.4f}  val_loss {r['val_loss']:.4f}  "
               f"val_acc {r['val_acc']:.4f}  {r['epoch_time_s']:.1f} s", file=sys.stderr, flush=True)
+
+
+class CheckLogger(CheckCallback):
+    """Sends each check (val_acc, val_loss, val_epoch) and each epoch's training numbers to MLflow.
+
+    Everything at step = optimizer steps so far, so a learning curve is (val_epoch, val_acc) at any
+    ``train.val_every``; an epoch's training row shares the step of its end-of-epoch check.
+    """
+
+    def __init__(self, tracker: RunTracker) -> None:
+        self.tracker = tracker
+
+    def on_validation_check(self, trainer: pl.Trainer, module: ClassifierModule, check: dict[str, float]) -> None:
+        self.tracker.log(check_metrics(check), step=int(check["step"]))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        row = module.history[-1]
+        self.tracker.log(epoch_metrics(row), step=int(row["step"]))
+
+
+def check_metrics(check: dict[str, float]) -> dict[str, float]:
+    """What MLflow gets of a validation check (at step = check["step"])."""
+    return {"val_acc": check["val_acc"], "val_loss": check["val_loss"], "val_epoch": check["val_epoch"]}
+
+
+def epoch_metrics(row: dict[str, float]) -> dict[str, float]:
+    """What MLflow gets of an epoch's history row besides its check (at step = row["step"])."""
+    return {k: row[k] for k in ("train_loss", "train_acc", "epoch_time_s")}
+
+
+def epoch_size(dm: InMemoryDataModule) -> tuple[int, int]:
+    """Training images, and optimizer steps per epoch (as ``MinibatchChunks`` batches them)."""
+    x, y = dm.tensors["train_x"], dm.tensors["train_y"]
+    return len(x), MinibatchChunks(x, y, dm.batch_size, 1, False).steps
 
 
 def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
@@ -103,7 +145,7 @@ def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, mode
     The caller's own tags (trial, study) went with ``create_run`` already (``new_tracker``).
     """
     tracker.stage(  # sent with the first epoch's metrics: one request fewer
-        params=flatten(OmegaConf.to_container(cfg, resolve=True)),
+        params={**flatten(OmegaConf.to_container(cfg, resolve=True)), "val_every": cfg.train.get("val_every")},
         tags={"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
               "data_source": dm.origin, "torch_version": torch.__version__,
               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)},
@@ -113,11 +155,12 @@ def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, mode
                        "model_summary.txt": model_summary(model, dm.in_shape)})
 
 
-def final_metrics(cfg: DictConfig, history: list[dict[str, float]], outcome: str, runtime: float,
-                  counts: dict[str, int]) -> dict[str, float]:
+def final_metrics(cfg: DictConfig, history: list[dict[str, float]], checks: list[dict[str, float]],
+                  dm: InMemoryDataModule, outcome: str, runtime: float, counts: dict[str, int]) -> dict[str, float]:
     """What every run logs at its end, whatever its outcome (see convergence.py for the censoring)."""
-    final = {**convergence_metrics(history, cfg.train.target_acc, int(cfg.trainer.max_epochs)), "runtime_s": runtime,
-             "diverged": float(outcome == "diverged"), **counts}
+    conv = convergence_metrics([Check(int(c["step"]), int(c["samples"]), c["val_acc"]) for c in checks], history,
+                               cfg.train.target_acc, int(cfg.trainer.max_epochs), *epoch_size(dm))
+    final = {**conv, "runtime_s": runtime, "diverged": float(outcome == "diverged"), **counts}
     if history:
         final["s_per_epoch"] = sum(r["epoch_time_s"] for r in history) / len(history)
     return final
@@ -175,13 +218,14 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
 
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
     model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
-    module = ClassifierModule(model, instantiate(cfg.optimizer), max_loss=cfg.train.max_loss)
+    module = ClassifierModule(model, instantiate(cfg.optimizer), max_loss=cfg.train.max_loss,
+                              val_every=cfg.train.get("val_every"), train_size=epoch_size(dm)[0])
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
     # The caller's tags (trial, study) go with create_run, so even a run killed in its first
     # epoch can be found and ended (tracking.runs.mark_killed).
     tracker = new_tracker(cfg, uri, parent_run_id, background_logging, tags) if track else None
     if tracker:
-        all_callbacks.append(EpochLogger(tracker))
+        all_callbacks.insert(0, CheckLogger(tracker))  # a check is logged even when a pruner stops the run there
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
     device = trainer.strategy.root_device
     model.to(device)
@@ -201,23 +245,23 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
             outcome = "pruned"
         runtime = time.perf_counter() - start
         if trainer.global_rank > 0:  # DDP: rank 0 alone evaluates and reports
-            return RunResult(None, {}, module.history, outcome)
+            return RunResult(None, {}, module.history, outcome, checks=module.checks)
         if tracker and diagnostics:
             tracker.log_files({Diagnostics.ARTIFACT: diagnostics.to_csv()})
-        final = final_metrics(cfg, module.history, outcome, runtime, counts)
+        final = final_metrics(cfg, module.history, module.checks, dm, outcome, runtime, counts)
         if outcome == "completed":
             evaluated = time.perf_counter()
             final |= test_metrics(cfg, model, dm, *module.evaluate(dm.test_dataloader()))
             final["eval_time_s"] = time.perf_counter() - evaluated  # the test set in every eval mode
         if tracker:
-            close_tracker(tracker, cfg, model, dm, final, outcome, len(module.history))
+            close_tracker(tracker, cfg, model, dm, final, outcome, module.steps)
     except BaseException as e:
         if tracker:
             abort_tracker(tracker, e)
         raise
     if tracker and not background_logging:
         tracker.close()
-    return RunResult(tracker.run_id if tracker else None, final, module.history, outcome, tracker)
+    return RunResult(tracker.run_id if tracker else None, final, module.history, outcome, tracker, module.checks)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
@@ -225,8 +269,8 @@ def main(cfg: DictConfig) -> float:
     result = run_app(lambda c: run_training(c, callbacks=[EpochPrinter()]), cfg)
     m = result.metrics
     test = f"test_acc {m['test_acc']:.4f}  " if "test_acc" in m else "diverged  "
-    print(f"{test}best_val_acc {m['best_val_acc']:.4f}  epochs_to_converge "
-          f"{m['epochs_to_converge']} (converged={m['converged']})  runtime {m['runtime_s']:.1f} s"
+    print(f"{test}best_val_acc {m['best_val_acc']:.4f}  epochs_to_converge {m['epochs_to_converge']:.3f} "
+          f"({m['steps_to_converge']} steps, converged={m['converged']})  runtime {m['runtime_s']:.1f} s"
           f"\nMLflow run {result.run_id} in {resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)}"
           f" - see it with: bnsweep ui", file=sys.stderr)
     return m["best_val_acc"]
