@@ -44,8 +44,10 @@ def test_a_worker_waits_for_a_running_lr_trial_only_until_it_is_stale(tmp_path: 
     done = claim(storage, study)
     done.suggest_float("optimizer.lr", 1e-3, 1.0, log=True)
     study.tell(done, 0.9)
-    running = claim(storage, study)  # the last LR trial, held by this (live) process
+    running = claim(storage, study)  # the last LR trial, held by a worker on another node
     assert running is not None and claim(storage, study) is None  # the repeat waits for it
+    # On this host a live PID keeps its trial (a paused worker is not lost); elsewhere only the heartbeat tells.
+    storage.set_trial_user_attr(running._trial_id, "worker", {"host": "node-b", "pid": 1, "claimed_at": time.time()})
 
     impatient = Worker(url, "d", "http://127.0.0.1:9", stale_after_s=60)
     patient = Worker(url, "d", "http://127.0.0.1:9")  # the default, from conf/run_sweep.yaml
