@@ -90,6 +90,18 @@ def _num(v: float, fmt: str = "{:.4f}") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
 
+def search_line(attrs: dict[str, Any], lo: float, hi: float) -> str:
+    """How the cell's LR was searched, as the report's header says it."""
+    basin = attrs.get("basin")
+    if basin:
+        seeds = int(basin.get("seeds", 1))
+        return (f"an LR search that brackets both edges of the basin to {basin['resolution']:g} decade within "
+                f"[{basin['low']:g}, {basin['high']:g}] for {seeds} seed{'s' * (seeds > 1)} "
+                f"(at most {attrs['n_trials']} trials, full budget each)")
+    return (f"{attrs['n_trials']} LR-search trials over `{LR}` ∈ [{lo:g}, {hi:g}] "
+            f"(sampler {attrs['sampler'].get('name')})")
+
+
 def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layout: Layout,
             vs_base: Sequence[Comparison], between: Sequence[Comparison], figs: dict[str, Path],
             notes: dict[str, str], link: str) -> Document:
@@ -101,8 +113,7 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
     grid = ", ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in layout.values.items())
     doc.bullets([
         f"grid: {grid} ({len(cells)} cells)",
-        f"per cell: {attrs['n_trials']} LR-search trials over `{LR}` ∈ [{lo:g}, {hi:g}] "
-        f"(sampler {attrs['sampler'].get('name')}), {attrs['epochs']} epoch(s) each, target val acc {target:g}; "
+        f"per cell: {search_line(attrs, lo, hi)}, {attrs['epochs']} epoch(s) each, target val acc {target:g}; "
         f"then {repeats} repeats (seeds +1..+{repeats}) at the cell's best LR",
         f"status: {'complete' if not left else f'**{left} trials not finished**: numbers may change'}; "
         f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
@@ -111,8 +122,9 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
 
     doc.heading("Answers")
     doc.para(f"Each line compares two cells of the same group at their own best learning rates: a difference "
-             f"(first minus second) with its 95% CI over {repeats} paired seeds, or, for the LR basin, the "
-             f"bracket the LR grid allows. A conclusion is stated only where the interval excludes 0.")
+             f"(first minus second) with its 95% CI over {repeats} paired seeds, or, for the LR basin, its 95% CI "
+             f"over the search's seeds (with one seed: the bracket the LR grid allows). A conclusion is stated only "
+             f"where the interval excludes 0.")
     for g in layout.groups:
         comps = [c for c in vs_base if c.group == g]
         others = [c for c in between if c.group == g]

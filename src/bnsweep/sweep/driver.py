@@ -154,7 +154,8 @@ class Sweep:
             gone = retried(trials := study.get_trials(deepcopy=False))
             done = [(trial_tags(self.spec.name, study, t) | {"mlflow.parentRunId": parent},
                      {k: str(v) for k, v in t.params.items()}, t.user_attrs.get("metrics") or {}, "FINISHED")
-                    for t in trials if live(t, gone) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+                    for t in trials if live(t, gone) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                    and not t.user_attrs.get("skipped")]  # a skipped slot never trained: no run to complete
             changed += complete_trial_runs(self.client, self.experiment_id, study.study_name, done)
         if changed:
             log.info("completed %d trial run(s) in MLflow from the storage", changed)
