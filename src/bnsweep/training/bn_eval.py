@@ -158,6 +158,7 @@ def mean_loss_and_accuracy(sums: torch.Tensor) -> list[tuple[float, float]]:
 
 
 @torch.no_grad()
+@torch.no_grad()  # an evaluation builds no autograd graph (a check within the epoch runs inside training)
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
              dtype: torch.dtype = torch.float32) -> list[tuple[float, float]]:
     """(mean cross-entropy, accuracy) in eval mode over ``batches`` of (inputs, labels), the model's mode restored.
