@@ -151,3 +151,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *parts: str) -> s
     for part in parts:
         assert part in errors[0], errors[0]
     return errors[0]
+
+
+def tiny_population_sweep(uri: str, store: Path, name: str, population: int | str) -> list[optuna.Study]:
+    """The tiny sweep (2 cells x 5 trials) with ``population`` through the real driver, one worker, a journal
+    and the MLflow server at ``uri``: its studies, each checked to hold 5 completed trials."""
+    out = sweep_cli("sweep=tiny", f"sweep.name={name}", "workers=1", f"population={population}",
+                    f"tracking.uri={uri}", f"tracking.store_dir={store}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    studies = studies_of(store, name)
+    assert len(studies) == 2
+    for s in studies:
+        assert s.user_attrs["population"] == population
+        assert [t.state for t in s.trials] == [optuna.trial.TrialState.COMPLETE] * 5
+    return studies

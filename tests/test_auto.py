@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import make_cfg, runs_by_role, studies_of, sweep_cli
-from optuna.trial import TrialState
+from helpers import make_cfg, runs_by_role, tiny_population_sweep
 
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
@@ -100,14 +99,7 @@ def test_sweeps_and_workers_accept_auto() -> None:
 def test_auto_population_sweep_completes_every_trial(mlflow_server: str, tmp_path: Path, cache: Path) -> None:
     """The tiny sweep with population=auto: real driver, forked worker, journal storage, MLflow server, real probe."""
     name = "t_auto"
-    out = sweep_cli("sweep=tiny", f"sweep.name={name}", "workers=1", "population=auto", f"tracking.uri={mlflow_server}",
-                    f"tracking.store_dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    studies = studies_of(tmp_path, name)
-    assert len(studies) == 2
-    for s in studies:
-        assert s.user_attrs["population"] == "auto"
-        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 5
+    tiny_population_sweep(mlflow_server, tmp_path, name, "auto")
     probes = json.loads(cache.read_text())  # the worker probed each cell's shape (with and without BN) once
     assert len(probes) == 2 and all(p["k"] in auto.CPU_CANDIDATES for p in probes.values())
     runs = runs_by_role(mlflow_server, name)["trial"]

@@ -7,9 +7,8 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from helpers import RunIf, make_cfg, runs_by_role, studies_of, sweep_cli
+from helpers import RunIf, make_cfg, runs_by_role, tiny_population_sweep
 from mlflow.tracking import MlflowClient
-from optuna.trial import TrialState
 
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
@@ -119,14 +118,8 @@ def test_a_diverging_and_a_pruned_member_leave_the_others_untouched(seeds: tuple
 def test_population_sweep_runs_every_trial_once_as_its_own_run(mlflow_server: str, tmp_path: Path) -> None:
     """The tiny sweep with population=3 through the real driver, worker, journal storage and MLflow server."""
     name = "t_pop"
-    out = sweep_cli("sweep=tiny", f"sweep.name={name}", "workers=1", "population=3", f"tracking.uri={mlflow_server}",
-                    f"tracking.store_dir={tmp_path}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    studies = studies_of(tmp_path, name)
-    assert len(studies) == 2
+    studies = tiny_population_sweep(mlflow_server, tmp_path, name, 3)
     for s in studies:
-        assert s.user_attrs["population"] == 3
-        assert [t.state for t in s.trials] == [TrialState.COMPLETE] * 5
         assert sorted(t.user_attrs["slot"] for t in s.trials) == [0, 1, 2, 3, 4]
         best, repeats = best_trial(s.trials), [t for t in s.trials if is_repeat(t)]
         assert not is_repeat(best) and sorted(t.user_attrs["seed"] for t in repeats) == [1, 2]
