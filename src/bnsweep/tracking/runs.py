@@ -17,7 +17,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
@@ -309,13 +308,3 @@ def summary_run(client: MlflowClient, experiment_id: str, sweep: str) -> str:
         experiment_id, run_name=f"{sweep} summary",
         tags={"bnsweep.sweep": sweep, "bnsweep.role": "summary"}).info.run_id
 
-
-class EpochLogger(pl.Callback):
-    """Sends each epoch's history row to MLflow in one request (step = epoch, 1-based)."""
-
-    def __init__(self, tracker: RunTracker) -> None:
-        self.tracker = tracker
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        row = dict(module.history[-1])
-        self.tracker.log(row, step=int(row.pop("epoch")))

@@ -1,6 +1,6 @@
 """Optuna pruning at every validation check, not once per epoch.
 
-optuna_integration's ``PyTorchLightningPruningCallback`` reports once per epoch at step = epoch, so
+Optuna's Lightning integration (``PyTorchLightningPruningCallback``) reports once per epoch at step = epoch, so
 several checks within an epoch would collide on one step. Here every check is reported at step =
 the run's optimizer steps so far (``Check.step``): the checks of a cell's trials (same data, batch
 size and ``train.val_every``, only the learning rate differs) fall on the same steps, which is what
