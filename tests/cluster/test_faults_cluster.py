@@ -94,6 +94,12 @@ def assert_whole(uri: str, store: Path, name: str, poison_ok: bool = False) -> N
             assert [r.data.tags["optuna.trial_id"] for r in finished] == [str(t._trial_id)], t.number
 
 
+def sweep_runs(uri: str, name: str) -> dict[str, set[str]]:
+    """The sweep's cell and summary runs (ids) as they stand: what a driver, not a worker, creates."""
+    roles = runs_by_role(uri, name)
+    return {role: {r.info.run_id for r in roles.get(role, [])} for role in ("cell", "summary")}
+
+
 def finish_again(args: list[str]) -> subprocess.CompletedProcess:
     out = sweep_cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -142,13 +148,15 @@ def test_two_drivers_of_one_sweep(mlflow_server: str, tmp_path: Path) -> None:
         first.send_signal(signal.SIGSTOP)  # held mid-sweep (its workers go on), so it surely still runs
         try:
             second = sweep_cli(*args)
+            before = sweep_runs(mlflow_server, "f_two")
             status = sweep_cli(*args, "action=status")
+            after = sweep_runs(mlflow_server, "f_two")
         finally:
             first.send_signal(signal.SIGCONT)
         assert second.returncode == 1
         assert second.stderr.strip().splitlines()[-1].startswith("error: sweep=f_two: another driver runs it (pid ")
         assert status.returncode == 0 and "this is a snapshot" in status.stderr
-        assert "summary" not in runs_by_role(mlflow_server, "f_two")  # status wrote nothing
+        assert after == before  # status wrote nothing (the first driver's summary run is its own, from its start)
         assert first.wait(600) == 0
     finally:
         first.kill()

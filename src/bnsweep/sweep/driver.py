@@ -245,7 +245,7 @@ class Sweep:
         return time.perf_counter() - start
 
     def stop_workers(self) -> None:
-        """Stopped: the workers give their trials back and end their runs KILLED; so do the cell runs.
+        """Stopped: the workers give their trials back and end their runs KILLED; so do the cell and summary runs.
 
         Nothing is left RUNNING and nothing is lost: the same command resumes where this one stopped.
         """
@@ -260,6 +260,7 @@ class Sweep:
                     failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                     mark_killed(self.client, self.experiment_id, study.study_name, failed)
                     self.client.set_terminated(study.user_attrs["mlflow_parent_run_id"], "KILLED")
+                self.client.set_terminated(summary_run(self.client, self.experiment_id, self.spec.name), "KILLED")
             except Exception as e:  # MLflow away: the next run ends them (finish, mark_killed)
                 log.warning("could not end the sweep's MLflow runs: %s", e)
         print("sweep stopped; its workers gave their trials back. Run the same command again to resume.",
@@ -281,7 +282,11 @@ class Sweep:
                 continue
             announced.add(cell)
             row = table.cell_row(study, self.spec.target_acc)
-            self.log_cell(study, row)  # on the dashboard as soon as the cell is done
+            try:
+                self.log_cell(study, row)  # on the dashboard as soon as the cell is done
+            except (OSError, MlflowException) as e:  # MLflow away: finish() logs the row again
+                log.warning("cell %s: could not log its row to MLflow now (%s); the sweep's end will", cell,
+                            type(e).__name__)
             best = (f"best val_acc {row['best_val_acc']:.4f} at lr {row['best_lr']:.3g}"
                     if not math.isnan(row["best_val_acc"]) else "no completed trial")
             bar.write(f"  done: {cell:<40} {best}")
