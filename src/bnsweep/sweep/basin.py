@@ -1,7 +1,8 @@
 """The LR basin of a cell: the learning rates of its LR search whose trials reached the target accuracy.
 
-Seed 004 claims BN widens this range. ``table.cell_row`` reports its width, the report brackets it
-(``report.stats.basin_bracket``); both take their points from ``basin_points``.
+Seed 004 claims BN widens this range. ``Bracket`` holds where its two edges lie; the LR search
+(``sweep.search``), ``table.cell_row`` and the report (``report.basins``, one bracket per seed) all build it
+with ``bracket(trial_points(...))``.
 """
 
 from __future__ import annotations
