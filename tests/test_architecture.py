@@ -12,11 +12,11 @@ from pathlib import Path
 import bnsweep
 
 PKG = Path(bnsweep.__file__).parent
-FOUNDATION = {"errors", "defaults", "config"}
+FOUNDATION = {"errors", "defaults", "config", "stats"}
 # stage -> the stages it may import (besides itself); cli, bench, claims (``bnsweep claims``: runs sweeps, then
 # reads them as the report does) and the old-name shims sit on top
 BELOW: dict[str, set[str]] = {
-    "errors": set(), "defaults": set(), "config": {"errors", "defaults"},
+    "errors": set(), "defaults": set(), "stats": set(), "config": {"errors", "defaults"},
     "tracking": FOUNDATION,
     "training": FOUNDATION | {"tracking"},
     "population": FOUNDATION | {"tracking", "training"},

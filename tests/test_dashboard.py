@@ -18,6 +18,7 @@ import pytest
 from helpers import ROOT, RunIf, chromium_exe, runs_by_role, studies_of
 from mlflow.tracking import MlflowClient
 
+from bnsweep.sweep.basin import study_basin
 from bnsweep.sweep.table import METRIC_COLUMNS, cell_row
 from bnsweep.tracking.dashboard import VIEW_TAG, runs_table_url, sweep_links
 from bnsweep.tracking.runs import EXPERIMENT_KIND, get_or_create_experiment
@@ -55,11 +56,17 @@ def test_cell_runs_carry_the_table_as_sortable_metrics(tiny_sweep):
     cells = runs_by_role(tiny_sweep.uri, tiny_sweep.name)["cell"]
     studies = {s.user_attrs["mlflow_parent_run_id"]: s for s in studies_of(tiny_sweep.store, tiny_sweep.name)}
     assert len(cells) == len(studies) == 2
+    assert {"basin_width", "best_lr", "test_acc_mean", "epochs_mean", "s_per_epoch"} <= set(METRIC_COLUMNS)
     for run in cells:
-        row = cell_row(studies[run.info.run_id], studies[run.info.run_id].user_attrs["target_acc"])
-        for key in (k for k in METRIC_COLUMNS if k in row):  # basin_* only where the sweep brackets its basin
+        study = studies[run.info.run_id]
+        row = cell_row(study, study.user_attrs["target_acc"])
+        for key in METRIC_COLUMNS:
             assert key in run.data.metrics and key not in run.data.params, key
             assert run.data.metrics[key] == pytest.approx(row[key], nan_ok=True), key
+        # the dashboard's basin is the table's and the report's: the width over every basin seed
+        basin = study_basin(study, None, study.user_attrs["target_acc"])
+        assert run.data.metrics["basin_width"] == pytest.approx(basin.width.estimate, nan_ok=True)
+        assert run.data.metrics["basin_seeds"] == len(basin.brackets)
 
 
 def test_system_metrics_on_the_summary_run_not_on_trials(tiny_sweep):

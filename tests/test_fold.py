@@ -39,14 +39,17 @@ def randomize_bn(model: nn.Module, seed: int = 0, negative_gamma: bool = True) -
                 gamma = torch.rand(n, generator=gen) + 0.5
                 if negative_gamma:
                     gamma *= torch.where(torch.rand(n, generator=gen) < 0.4, -1.0, 1.0)
-                m.weight.copy_(gamma)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+                if m.affine:
+                    m.weight.copy_(gamma)
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)  # (Keras init: zero; a real test)
     return model.eval()
 
 
 def build(arch: str, placement: str, input_bn: bool, in_shape=MNIST, seed: int = 0, **kw) -> nn.Module:
     torch.manual_seed(seed)
-    bn = {"placement": placement, "input": input_bn}
+    bn = {"placement": placement, "input": input_bn, **kw.pop("bn", {})}
     model = MLP(in_shape, 10, hidden=[64, 32], bn=bn) if arch == "mlp" else CNN(in_shape, 10, bn=bn,
                                                                                 **{**SMALL_CNN, **kw})
     return randomize_bn(model, seed)
@@ -84,6 +87,20 @@ def test_folded_logits_match_eval_mode(arch: str, placement: str, input_bn: bool
                     setattr(bare, name, nn.Identity())
             assert (bare(mnist_test) - model(mnist_test)).abs().max() > 1e-2
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())  # original untouched
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("placement", ["before_act", "after_act"])
+@pytest.mark.parametrize("bn", [{"affine": False}, {"keep_bias": True}, {"affine": False, "keep_bias": True}])
+def test_bn_without_gamma_beta_or_after_a_bias_folds(arch: str, placement: str, bn: dict,
+                                                     mnist_test: torch.Tensor) -> None:
+    model = build(arch, placement, True, bn=bn)
+    if bn.get("keep_bias") and placement == "before_act":  # a BN right after a layer with a (nonzero) bias
+        assert model.fc1.bias is not None and model.fc1.bias.abs().max() > 0.1
+    folded = fold_bn(model, MNIST)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    assert max_diff(model, folded, mnist_test) <= TOL
+    assert max_diff(model, folded, torch.randn(64, *MNIST, generator=torch.Generator().manual_seed(2))) <= TOL
 
 
 @pytest.mark.parametrize("placement", ["before_act", "after_act"])

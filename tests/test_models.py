@@ -49,6 +49,33 @@ def test_bias_dropped_exactly_where_bn_follows(placement: str) -> None:
                 assert (layer.bias is None) == followed_by_bn, (placement, layer)
 
 
+@pytest.mark.parametrize("placement", ["before_act", "after_act"])
+def test_affine_false_builds_bn_without_gamma_beta(placement: str) -> None:
+    for cls, kw in ((MLP, {"hidden": [30, 20]}), (CNN, {"channels": [4], "hidden": [8]})):
+        on = cls((1, 28, 28), 10, bn={"placement": placement, "input": True}, **kw)
+        off = cls((1, 28, 28), 10, bn={"placement": placement, "input": True, "affine": False}, **kw)
+        bns = [m for m in off.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        assert len(bns) == len([m for m in on.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]) > 0
+        assert all(not bn.affine and bn.weight is None and bn.bias is None for bn in bns)
+        gone = sum(2 * bn.num_features for bn in bns)  # gamma and beta per channel
+        assert param_counts(off)["params_trainable"] == param_counts(on)["params_trainable"] - gone
+        assert param_counts(off)["params_non_trainable"] == param_counts(on)["params_non_trainable"]
+        off.train()
+        y = off(torch.randn(16, 1, 28, 28))
+        assert y.shape == (16, 10)
+
+
+@pytest.mark.parametrize("placement", ["none", "before_act", "after_act"])
+def test_keep_bias_keeps_the_bias_before_bn(placement: str) -> None:
+    for cls, kw in ((MLP, {"hidden": [30, 20]}), (CNN, {"channels": [4], "hidden": [8]})):
+        dropped = cls((1, 28, 28), 10, bn={"placement": placement}, **kw)
+        kept = cls((1, 28, 28), 10, bn={"placement": placement, "keep_bias": True}, **kw)
+        hidden = [m for n, m in kept.named_children() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        assert all(m.bias is not None for m in hidden)
+        extra = sum(m.bias.numel() for m in hidden[:-1]) if placement == "before_act" else 0  # not the logits layer
+        assert param_counts(kept)["params_trainable"] == param_counts(dropped)["params_trainable"] + extra
+
+
 def test_param_counts_match_keras_summary_of_seed_001() -> None:
     # Keras: Total 271,346 / Non-trainable 2,368 for Flatten-BN-Dense300-LReLU-BN-Dense100-LReLU-BN-Dense10.
     m = MLP((1, 28, 28), 10, activation="leaky_relu", bn={"placement": "after_act", "input": True})
@@ -128,6 +155,8 @@ def test_bn_keys_reach_the_layers() -> None:
     ({"init": "xavier"}, "model.init='xavier'"),
     ({"bn": {"momentum": 1.5}}, "model.bn.momentum=1.5"),
     ({"bn": {"moment": 0.1}}, "model.bn has unknown key"),
+    ({"bn": {"affine": "no"}}, "model.bn.affine='no' is not allowed; it must be true or false"),
+    ({"bn": {"keep_bias": 1}}, "model.bn.keep_bias=1 is not allowed"),
 ])
 def test_bad_model_values(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -25,7 +25,7 @@ SMALL = ("data.limit_train=600", "data.val_size=500", "data.eval_batch_size=250"
 EPOCH = ("train_loss", "train_acc", "val_loss", "val_acc")
 FINAL = ("best_val_acc", "epochs_to_converge", "steps_to_converge", "converged", "epochs_run", "test_acc",
          "test_loss", "test_acc_precise", "params_trainable", "params_non_trainable", "test_acc_batch1",
-         "test_acc_batch8", "test_loss_batch8")
+         "test_acc_batch8", "test_loss_batch8", "train_acc_eval", "train_loss_eval")
 
 
 def configs(tmp_path: Path, members: list[tuple[float, int]], *extra: str) -> list:
@@ -75,6 +75,17 @@ CASES = {
     "cnn-before_act-sgd": ([(0.05, 0), (0.1, 1)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
                                                    "model.bn.placement=before_act", "trainer.max_epochs=1",
                                                    "train.eval_batch_sizes=[1,8]"]),
+    # BN without gamma/beta (incl. input BN and small-batch evaluation), and a kept bias before BN
+    "before_act-no_affine-keep_bias": ([(0.05, 0), (0.2, 1)], ["model.bn.placement=before_act", "model.bn.input=true",
+                                                               "model.bn.affine=false", "model.bn.keep_bias=true",
+                                                               "train.eval_batch_sizes=[1,8]",
+                                                               "train.train_eval_size=250"]),
+    "cnn-after_act-no_affine": ([(0.05, 0), (0.1, 0)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
+                                                        "model.bn.placement=after_act", "model.bn.affine=false",
+                                                        "trainer.max_epochs=1", "train.eval_batch_sizes=[2]"]),
+    "cnn-before_act-keep_bias": ([(0.05, 0), (0.1, 1)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
+                                                         "model.bn.placement=before_act", "model.bn.keep_bias=true",
+                                                         "trainer.max_epochs=1"]),
 }
 
 
@@ -88,6 +99,7 @@ def test_each_member_equals_its_single_run(case: str, tmp_path: Path, dm) -> Non
         assert single.outcome == "completed" and member.metrics["runtime_s"] > 0
         assert_same(member, single, tol=1e-3 if case.startswith("cnn") else 1e-4)
         assert {k for k in single.metrics if "_batch" in k} == {k for k in member.metrics if "_batch" in k}
+        assert 0 < member.metrics["train_acc_eval"] <= 1 and "train_acc_eval" in single.metrics
     assert population[0].history != population[1].history  # the members did train differently
 
 
@@ -124,14 +136,15 @@ def test_population_sweep_runs_every_trial_once_as_its_own_run(mlflow_server: st
         best, repeats = best_trial(s.trials), [t for t in s.trials if is_repeat(t)]
         assert not is_repeat(best) and sorted(t.user_attrs["seed"] for t in repeats) == [1, 2]
         assert all(t.params == best.params for t in repeats)
+        assert all(0 < t.user_attrs["metrics"]["train_acc_eval"] <= 1 for t in s.trials)  # what the report reads
     runs = runs_by_role(mlflow_server, name)["trial"]
     assert len(runs) == 10 and all(r.info.status == "FINISHED" for r in runs)
     # the 3 LR trials of a cell trained as one population, its 2 repeats (seeds 1, 2) as another
     assert sorted(r.data.tags["bnsweep.population"] for r in runs) == ["2"] * 4 + ["3"] * 6
     client = MlflowClient(mlflow_server)
     for r in runs:
-        assert {"test_acc", "test_acc_precise", "best_val_acc", "epochs_to_converge", "runtime_s", "s_per_epoch",
-                "train_loss", "val_acc", "epoch_time_s", "params_trainable"} <= set(r.data.metrics)
+        assert {"test_acc", "test_acc_precise", "train_acc_eval", "best_val_acc", "epochs_to_converge", "runtime_s",
+                "s_per_epoch", "train_loss", "val_acc", "epoch_time_s", "params_trainable"} <= set(r.data.metrics)
         val_epoch = client.get_metric_history(r.info.run_id, "val_epoch")  # tiny: val_every > one epoch
         assert [m.value for m in val_epoch] == [1.0]
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [val_epoch[0].step]

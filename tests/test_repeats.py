@@ -6,8 +6,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import create_trial
 
 from bnsweep.errors import ConfigError
+from bnsweep.stats import fit_digits, mean_ci
 from bnsweep.sweep import table
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.slots import best_trial, claim, is_repeat, search_done, top_up
@@ -79,3 +82,60 @@ def test_more_lr_trials_after_the_repeats_are_lr_slots_not_repeats(tmp_path: Pat
     assert [t.user_attrs for t in new] == [{"slot": 3}, {"slot": 4}]
     assert top_up(study, parse({**RAW, "n_trials": 5, "repeats": 3})) == 1
     assert study.get_trials()[-1].user_attrs == {"slot": 7, "repeat": 3}
+
+
+# ---------------------------------------------------------------------- the table's repeat columns
+
+
+def crafted(accs: list[float], epochs: list[float], reached: list[int]) -> optuna.Study:
+    """An LR search of 3 trials (best: 0.1) and finished repeats at 0.1 with these test accs and epochs to target."""
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction="maximize")
+    dist = {"optimizer.lr": FloatDistribution(1e-3, 1.0, log=True)}
+    for lr, v in ((0.01, 0.90), (0.1, 0.95), (1.0, 0.5)):
+        study.add_trial(create_trial(params={"optimizer.lr": lr}, distributions=dist, value=v, user_attrs={
+            "slot": 0, "metrics": {"best_val_acc": v, "test_acc": v - 0.01, "epochs_to_converge": 3 if v > 0.9 else 4,
+                                   "converged": int(v > 0.9), "s_per_epoch": 0.5}}))
+    for k, (acc, ep, ok) in enumerate(zip(accs, epochs, reached, strict=True), 1):
+        study.add_trial(create_trial(params={"optimizer.lr": 0.1}, distributions=dist, value=acc, user_attrs={
+            "repeat": k, "seed": k, "metrics": {"best_val_acc": acc, "test_acc": acc, "epochs_to_converge": ep,
+                                                "converged": ok, "s_per_epoch": 0.5}}))
+    return study
+
+
+def shown(study: optuna.Study, column: str) -> str:
+    headers, (cells,) = table.formatted([table.cell_row(study, 0.9)])
+    return cells[headers.index(column)]
+
+
+def test_the_table_gives_test_acc_over_the_repeats_with_digits_that_fit() -> None:
+    accs = [0.9712, 0.9701, 0.9725, 0.9690]
+    study = crafted(accs, [2, 3, 2, 3], [1, 1, 1, 1])
+    row = table.cell_row(study, 0.9)
+    ci = mean_ci(accs)
+    assert (row["repeats"], row["test_acc_mean"], row["test_acc_lo"], row["test_acc_hi"]) == (
+        4, pytest.approx(ci.estimate), pytest.approx(ci.low), pytest.approx(ci.high))
+    assert row["test_acc"] == pytest.approx(0.94)  # the LR search's best trial's, in summary.csv
+    assert shown(study, "test acc %") == "97.07 [96.83, 97.31]" == fit_digits(ci, scale=100, signed=False)
+    assert (row["repeats_reached"], row["epochs_mean"]) == (4, 2.5) and shown(study, "epochs") == "2.50"
+    assert row["done"] == 7 and shown(study, "done/left") == "7/0"
+    assert table.to_csv([row]).splitlines()[0].split(",") == table.COLUMNS
+
+    assert shown(crafted(accs[:2], [2, 5], [1, 0]), "epochs") == "2 (1/2 reached)"  # the other one is censored
+    assert shown(crafted(accs[:2], [5, 5], [0, 0]), "epochs") == "never"
+    assert shown(crafted([0.97, 0.97], [1, 1], [1, 1]), "epochs") == "1"  # no "1.0 [1.0, 1.0]"
+    # no repeat finished yet: the LR search's best trial
+    assert shown(crafted([], [], []), "test acc %") == "94.0 (search)" and shown(crafted([], [], []), "epochs") == "3"
+
+
+def test_no_digits_the_interval_cannot_support() -> None:
+    """Identical repeats, a wide interval of 2: never '0.0 [-0.0, +0.0]' or '±0.0', never past 100%."""
+    for accs in ([0.97, 0.97, 0.97], [0.85, 0.64], [0.1, 0.12, 0.09]):
+        study = crafted(accs, [1] * len(accs), [1] * len(accs))
+        headers, rows = table.formatted([table.cell_row(study, 0.9)])
+        text = " ".join(rows[0])
+        assert len(headers) <= 8 and "-0.0" not in text and "±" not in text and "+0" not in text, text
+        lo, hi = shown(study, "test acc %").split("[")[-1].rstrip("]").split(", ") if "[" in text else ("0", "0")
+        assert 0 <= float(lo) <= float(hi) <= 100
+    assert shown(crafted([0.97, 0.97, 0.97], [2.5] * 3, [1] * 3), "test acc %") == "97.00 (the same on all 3)"
+    assert shown(crafted([0.97, 0.97, 0.97], [2.5] * 3, [1] * 3), "epochs") == "2.5"
+    assert shown(crafted([0.85, 0.64], [1, 1], [1, 1]), "test acc %") == "74 [0, 100]"  # the CI, cut to [0, 100]

@@ -20,16 +20,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from scipy import stats as sps
 
-from bnsweep.report.basins import Basin
-from bnsweep.report.stats import Interval, bracket_diff, mean_ci, paired_diff
-from bnsweep.sweep.basin import bracket
+from bnsweep.stats import Interval, bracket_diff, mean_ci, paired_diff
+from bnsweep.sweep.basin import Basin, bracket
 from bnsweep.sweep.slots import is_repeat
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LABELS = {"best_val_acc": "best val acc", "epochs_to_converge": "epochs to target", "s_per_epoch": "s/epoch",
           "time_to_target": "time to target (s)", "basin": "LR basin (decades)"}
-FIGURES = {"heatmap", "effects", "lr_curves", "learning_curves", "epochs_time", "importance", "slice",
+FIGURES = {"verdicts", "heatmap", "effects", "lr_curves", "learning_curves", "epochs_time", "importance", "slice",
            "diag_preact", "diag_grad"}
 
 
@@ -76,7 +75,8 @@ def test_every_figure_is_a_valid_png_and_linked(report: Path) -> None:
 
 def test_report_states_the_paired_bn_difference_as_computed_from_the_repeats(report: Path,
                                                                             tiny_sweep: SimpleNamespace) -> None:
-    """The report's numbers are the seed-paired t-interval over the repeats stored in Optuna."""
+    """The report's numbers are the seed-paired differences of the repeats stored in Optuna, and its verdicts
+    scipy's tests of them: a paired t-test for accuracy, a sign test on the orderings for epochs to target."""
     studies = {s.user_attrs["cell"]: s for s in
                sweep_studies(open_storage(default_storage(tiny_sweep.store, tiny_sweep.name)), tiny_sweep.name)}
 
@@ -84,29 +84,31 @@ def test_report_states_the_paired_bn_difference_as_computed_from_the_repeats(rep
         return {t.user_attrs["seed"]: t.user_attrs["metrics"][key] for t in studies[cell].trials if is_repeat(t)}
 
     md = (report / "report.md").read_text()
-    for key, label, fmt in (("best_val_acc", "best val acc", "{:+.4f}"), ("epochs_to_converge", "epochs to target",
-                                                                         "{:+.2f}")):
-        bn, none = by_seed("placement=before_act", key), by_seed("placement=none", key)
-        assert sorted(bn) == sorted(none) == [1, 2]
-        diffs = np.array([bn[s] - none[s] for s in sorted(bn)])
-        line = next(x for x in md.splitlines() if x.startswith(f"- {label}:"))
-        assert line.startswith(f"- {label}: {fmt.format(diffs.mean())}")
-        if diffs.std() > 0:
-            lo, hi = sps.t.interval(0.95, len(diffs) - 1, loc=diffs.mean(), scale=sps.sem(diffs))
-            assert f"[{fmt.format(lo)}, {fmt.format(hi)}] (95% CI, n=2)" in line
-            resolved = lo > 0 or hi < 0
-        else:
-            resolved = diffs[0] != 0
-        assert ("not resolved" in line) != resolved, line
+    bn, none = by_seed("placement=before_act", "best_val_acc"), by_seed("placement=none", "best_val_acc")
+    assert sorted(bn) == sorted(none) == [1, 2]
+    diffs = np.array([bn[s] - none[s] for s in sorted(bn)])
+    line = next(x for x in md.splitlines() if x.startswith("- best val acc:"))
+    assert "n=2 (paired t-test; Holm p = " in line
+    text = line.split(":")[1].split("pp")[0].strip()  # the digits the interval allows
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    assert float(text) == pytest.approx(diffs.mean() * 100, abs=0.51 * 10 ** -decimals)
+    p = sps.ttest_1samp(diffs, 0).pvalue if diffs.std() > 0 else 1.0  # one comparison: Holm changes nothing
+    assert ("not resolved" in line) == (not p < 0.05), line
+
+    conv = {c: {t.user_attrs["seed"]: (t.user_attrs["metrics"]["epochs_to_converge"],
+                                       bool(t.user_attrs["metrics"]["converged"]))
+                for t in studies[c].trials if is_repeat(t)} for c in ("placement=before_act", "placement=none")}
+    line = next(x for x in md.splitlines() if x.startswith("- epochs to target:"))
+    reached = sum(r for _, r in conv["placement=before_act"].values())
+    if "no repeat of either cell reached" not in line:
+        assert f"reached the target: {reached}/2" in line and "paired sign test for censored values" in line
+    assert "budget + 1" not in md  # a run that never got there is censored, never averaged
     basin = next(x for x in md.splitlines() if x.startswith("- LR basin (decades):"))
-    assert "→ **" in basin
-    # an open edge is never a plain width; a cell where no LR reached the target has no basin at all
-    assert [w in basin for w in ("(bracket)", "edge open", "has no basin")].count(True) == 1, basin
+    assert "→ **not resolved" in basin  # one LR-search seed: a bracket, never a verdict
 
 
 def test_answers_and_basins_csv_say_what_the_report_says(report: Path, tiny_sweep: SimpleNamespace) -> None:
     from bnsweep.report.export import ANSWER_COLUMNS, BASIN_COLUMNS
-    from bnsweep.report.results import METRICS
 
     answers = list(csv.DictReader((report / "answers.csv").open()))
     assert answers and list(answers[0]) == ANSWER_COLUMNS
@@ -118,13 +120,15 @@ def test_answers_and_basins_csv_say_what_the_report_says(report: Path, tiny_swee
         assert line.startswith(f"- {LABELS[row['metric']]}:")
         assert (row["verdict"] == "not_resolved") == ("not resolved" in line), (row, line)
         lo, hi, n = float(row["lo"] or "nan"), float(row["hi"] or "nan"), int(row["n"])
-        if row["verdict"] == "greater":
-            assert lo > 0 and (n >= 2 or row["metric"] == "basin")
-        elif row["verdict"] == "less":
+        if row["verdict"] != "not_resolved":
+            assert n >= 2  # never a verdict from one seed
+        if row["verdict"] == "greater" and row["metric"] in ("best_val_acc", "s_per_epoch"):
+            assert lo > 0  # a t-test: Holm's p < 0.05 implies the uncorrected 95% CI excludes 0
+        elif row["verdict"] == "less" and row["metric"] in ("best_val_acc", "s_per_epoch"):
             assert hi < 0
-        elif math.isfinite(hi - lo) and "cannot be told apart" in line:  # the power, stated
-            fmt = {k: f for k, _, f in METRICS}[row["metric"]].replace("+", "")
-            assert f"±{fmt.format((hi - lo) / 2)} cannot be told apart" in line, line
+        elif math.isfinite(hi - lo) and hi > lo and "cannot be told apart" in line:  # the power, stated
+            scale = 100 if row["metric"] == "best_val_acc" else 1
+            assert f"±{(hi - lo) / 2 * scale:.2g}" in line, line
 
     basins = list(csv.DictReader((report / "basins.csv").open()))
     assert [list(b) for b in basins][0] == BASIN_COLUMNS and len(basins) == 2
@@ -231,7 +235,7 @@ def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
     from bnsweep.sweep import table
 
     rng = np.random.default_rng(0)
-    noise = rng.normal(0, 0.002, 3)  # the same per-seed noise in every cell: pairing removes it
+    noise = rng.normal(0, 0.002, 5)  # the same per-seed noise in every cell: pairing removes it
     cells = []
     for combo in itertools.product(*grid.values()):
         labels = dict(zip([k.rsplit(".", 1)[-1] for k in grid], combo, strict=True))
@@ -242,8 +246,10 @@ def fake_cells(grid: dict[str, list[str]], gain: dict[str, float]) -> list:
                                                         "epochs_to_converge": 2, "s_per_epoch": 0.5, "converged": 1},
                               None) for i, (lr, a) in enumerate(zip(lrs, accs, strict=True))]
         best = max(trials, key=lambda t: t.metrics["best_val_acc"])
-        repeats = [TrialResult(10 + k, best.lr, "complete", {**best.metrics, "best_val_acc": top + noise[k - 1]},
-                               None, repeat=k, val_acc=[top - 0.2, top - 0.05, top]) for k in (1, 2, 3)]
+        own = rng.normal(0, 0.0005, 5)  # and a little of each cell's own, so paired differences have spread
+        repeats = [TrialResult(10 + k, best.lr, "complete", {**best.metrics, "best_val_acc": top + noise[k - 1]
+                                                             + own[k - 1]}, None, repeat=k, seed=k,
+                               val_acc=[top - 0.2, top - 0.05, top]) for k in (1, 2, 3, 4, 5)]
         diag = [{"step": s, "epoch": 1, "layer": layer, "p15": -1.0 - s / 100, "p50": 0.0, "p85": 1.0 + s / 100,
                  "grad_norm": 1.0 / (s + 1)} for s in range(0, 100, 10) for layer in ("fc1", "fc2")]
         name = ",".join(f"{k}={v}" for k, v in labels.items())
@@ -264,7 +270,7 @@ def test_report_renders_any_grid_shape(grid: dict[str, list[str]], tmp_path: Pat
     from bnsweep.report.build import render
 
     attrs = {"target_acc": 0.8, "search_range": (1e-3, 10.0), "grid": dict.fromkeys(grid), "n_trials": 6,
-             "epochs": 3, "repeats": 3, "sampler": {"name": "grid"}, "description": "synthetic"}
+             "epochs": 3, "repeats": 5, "sampler": {"name": "grid"}, "description": "synthetic"}
     files = render("synthetic", attrs, fake_cells(grid, {"before_act": 0.05, "adam": 0.03}), tmp_path, 60, "-")
     assert {f.stem for f in files if f.suffix == ".png"} == FIGURES
     for f in files:
@@ -278,5 +284,6 @@ def test_report_renders_any_grid_shape(grid: dict[str, list[str]], tmp_path: Pat
     else:  # no BN key: the first key's values are compared with its first value, without BN wording
         assert "Does BN help?" not in md and "**adam vs sgd**" in md
         assert "adam is more accurate than sgd" in md
-        line = next(x for x in md.splitlines() if x.startswith("- best val acc:") and "+0.0000" in x)
-        assert "not resolved" in line  # rmsprop - sgd: no difference at all
+        rms = md.split("**rmsprop vs sgd**")[1]
+        line = next(x for x in rms.splitlines() if x.startswith("- best val acc:"))
+        assert "not resolved" in line  # rmsprop - sgd: no difference but noise

@@ -15,8 +15,9 @@ import pytest
 from helpers import sweep_cli
 
 from bnsweep.errors import ConfigError
+from bnsweep.stats import fit_digits
 from bnsweep.sweep import table
-from bnsweep.sweep.basin import LR_KEY
+from bnsweep.sweep.basin import LR_KEY, Bracket, search_limits, study_basin
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.search import SEED_INDEX, SKIPPED, BasinSearch
 from bnsweep.sweep.slots import basin_search, claim, give_back, is_repeat, search_done, top_up
@@ -73,6 +74,11 @@ def drive(study: optuna.Study, storage, objective: Objective, k: int = 1, stop_a
     return batches
 
 
+def main_bracket(study: optuna.Study, target: float = TARGET) -> Bracket | None:
+    """The first basin seed's bracket, as the table, summary.csv and the report read it (``study_basin``)."""
+    return study_basin(study, None, target).main
+
+
 def lattice(lr: float, resolution: float = 0.25) -> bool:
     return abs(math.log10(lr) / resolution - round(math.log10(lr) / resolution)) < 1e-9
 
@@ -83,7 +89,7 @@ def test_both_edges_closed_to_the_resolution_with_a_diverging_side(tmp_path: Pat
     batches = drive(study, storage, basin_between(lo, hi, diverge_above=10**0.9))
     lrs = [lr for b in batches for _, lr in b]
     assert len(lrs) == len(set(lrs)) and all(lattice(lr) for lr in lrs)  # each lattice point once
-    br = table.cell_bracket(study, TARGET)
+    br = main_bracket(study)
     assert br is not None and br.closed and br.edge_resolution() <= 0.25 + 1e-9
     assert br.lower_lo < lo <= br.lower_hi and br.upper_lo <= hi < br.upper_hi
     trials = study.get_trials()
@@ -97,12 +103,14 @@ def test_both_edges_closed_to_the_resolution_with_a_diverging_side(tmp_path: Pat
 def test_an_edge_at_the_hard_limit_is_reported_open(tmp_path: Path) -> None:
     study, storage = make_study(tmp_path / "j.journal", basin={**RAW["basin"], "high": 100.0})
     drive(study, storage, basin_between(10**-1.6, math.inf))
-    br = table.cell_bracket(study, TARGET)
+    br = main_bracket(study)
     assert br is not None and br.upper_open and not br.lower_open and br.upper_lo == pytest.approx(100.0)
     assert math.isinf(br.width_hi) and br.lower_lo < 10**-1.6 <= br.lower_hi
     row = table.cell_row(study, TARGET)
     assert row["basin_upper_open"] == 1.0 and math.isnan(row["basin_width_hi"])
-    assert "open" in table.to_markdown([row], TARGET)
+    headers, (cells,) = table.formatted([row])
+    width = f"{br.width_lo:.2f}".rstrip("0").rstrip(".")
+    assert cells[headers.index("LR basin (dec.)")] == f"≥ {width}, upper edge open"
 
 
 def test_a_population_splits_edge_intervals_and_reaches_the_same_bracket(tmp_path: Path) -> None:
@@ -114,7 +122,7 @@ def test_a_population_splits_edge_intervals_and_reaches_the_same_bracket(tmp_pat
     lrs = [lr for b in batches for _, lr in b]
     assert len(lrs) == len(set(lrs)) and max(len(b) for b in batches) == 3
     assert len(batches) < len(drive(*make_study(tmp_path / "b.journal"), objective))  # fewer rounds than alone
-    assert table.cell_bracket(pop, TARGET) == table.cell_bracket(alone, TARGET)
+    assert main_bracket(pop) == main_bracket(alone)
 
 
 def test_several_seeds_each_get_their_own_bracket_on_the_same_lattice(tmp_path: Path) -> None:
@@ -128,6 +136,16 @@ def test_several_seeds_each_get_their_own_bracket_on_the_same_lattice(tmp_path: 
     assert b1.lower_lo < 10**-1.8 <= b1.lower_hi and b0.lower_lo < 10**-2.1 <= b0.lower_hi
     seeds = {t.user_attrs.get(SEED_INDEX) for t in study.get_trials() if not t.user_attrs.get(SKIPPED)}
     assert seeds == {0, 1}
+    # one basin everywhere: the table's (and the report's) is the search's, every seed, not the first one's
+    basin = study_basin(study, None, TARGET)
+    assert basin.brackets == {0: b0, 1: b1} and basin.over_seeds
+    row = table.cell_row(study, TARGET)
+    assert (row["basin_seeds"], row["basin_seeds_closed"]) == (2, 2)
+    assert row["basin_width"] == pytest.approx((b0.width + b1.width) / 2)
+    assert (row["basin_width_lo"], row["basin_width_hi"]) == (basin.width.low, basin.width.high)
+    assert row["basin_lower_hi"] == b0.lower_hi  # the first seed's edges, in summary.csv
+    headers, (cells,) = table.formatted([row])
+    assert cells[headers.index("LR basin (dec.)")] == fit_digits(basin.width, signed=False)
     assert study.user_attrs["basin"].items() >= {"low": 1e-5, "high": 1e3, "resolution": 0.25, "seeds": 2}.items()
 
 
@@ -146,15 +164,24 @@ def test_resume_mid_refinement_continues_to_the_same_bracket_without_repeating_p
     study, storage = make_study(path)
     rest = [lr for b in drive(study, storage, objective) for _, lr in b]
     assert first + rest == whole and len(set(whole)) == len(whole)
-    assert table.cell_bracket(study, TARGET) == table.cell_bracket(ref, TARGET)
+    assert main_bracket(study) == main_bracket(ref)
 
 
 def test_a_trial_cap_leaves_edges_unrefined_and_says_so(tmp_path: Path) -> None:
     study, storage = make_study(tmp_path / "j.journal", n_trials=5)
     drive(study, storage, basin_between(10**-2.1, 10**0.6, diverge_above=10**0.9))
     assert search_done(study.get_trials(), 5)
-    br = table.cell_bracket(study, TARGET)
+    br = main_bracket(study)
     assert br is not None and br.edge_resolution() > 0.25  # the start grid only: 1-decade brackets
+
+
+def test_one_rule_for_the_search_limits() -> None:
+    """The table and the report bracket within the same limits: the basin search's, else the searched LR range."""
+    lr = optuna.distributions.distribution_to_json(optuna.distributions.FloatDistribution(1e-3, 1.0, log=True))
+    assert search_limits({"basin": {"low": 1e-5, "high": 1e3}, "search": {LR_KEY: lr}}, (1e-2, 1.0)) == (1e-5, 1e3)
+    assert search_limits({"search": {LR_KEY: lr}}, (1e-2, 0.5)) == (1e-3, 1.0)
+    assert search_limits({}, (1e-2, 0.5)) == (1e-2, 0.5)  # a study that says nothing: the caller's range
+    assert search_limits({}) == (0.0, math.inf)
 
 
 def test_lattice_is_shared_and_config_errors_name_the_key() -> None:
@@ -194,8 +221,9 @@ def test_a_real_sweep_closes_both_edges_of_every_cell(mlflow_server: str, tmp_pa
     assert len(studies) == 2
     for s in studies:
         trials = s.get_trials()
-        br = table.cell_bracket(s, 0.8)
+        br = main_bracket(s, 0.8)
         assert br is not None and br.closed and br.edge_resolution() <= 0.25 + 1e-9, (s.study_name, br)
+        assert table.cell_row(s, 0.8)["basin_width"] == study_basin(s, None, 0.8).width.estimate == br.width
         search = [t for t in trials if not is_repeat(t) and not t.user_attrs.get(SKIPPED)]
         assert all(t.user_attrs["seed"] == 0 and lattice(t.params[LR_KEY]) for t in search)
         repeats = [t for t in trials if is_repeat(t)]
@@ -206,4 +234,4 @@ def test_no_basin_ends_with_no_bracket_after_the_start_range_is_refined(tmp_path
     study, storage = make_study(tmp_path / "j.journal")
     lrs = [lr for b in drive(study, storage, lambda lr, s: "missed") for _, lr in b]
     assert sorted(lrs) == [BasinSearch().lr(k) for k in range(-12, 5)]  # every 0.25 decade of 1e-3..10, once
-    assert table.cell_bracket(study, TARGET) is None and math.isnan(table.cell_row(study, TARGET)["basin_width"])
+    assert main_bracket(study) is None and math.isnan(table.cell_row(study, TARGET)["basin_width"])

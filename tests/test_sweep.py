@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,10 +22,11 @@ from optuna.trial import TrialState
 from bnsweep.defaults import SWEEP_DIR
 from bnsweep.errors import ConfigError
 from bnsweep.sweep import table
-from bnsweep.sweep.basin import lr_basin_decades
+from bnsweep.sweep.basin import study_basin
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.slots import best_trial, is_repeat
 from bnsweep.sweep.storage import default_storage
+from bnsweep.tracking.runs import cell_run_name, trial_run_name
 
 SWEEPS = sorted(p.stem for p in Path(SWEEP_DIR).glob("*.yaml"))  # the ones the package ships
 
@@ -92,10 +94,12 @@ def test_grid_sampler_spreads_the_lr_on_a_log_grid() -> None:
     assert [round(math.log10(x), 6) for x in lrs] == [-3, -2, -1, 0, 1]
 
 
-def test_lr_basin_in_decades() -> None:
-    assert lr_basin_decades([1e-3, 1e-2, 1e-1, 1.0], [0.5, 0.96, 0.97, 0.2], 0.95) == pytest.approx(1.0)
-    assert lr_basin_decades([1e-2], [0.99], 0.95) == 0.0
-    assert math.isnan(lr_basin_decades([1e-2, 1.0], [0.5, 0.6], 0.95))
+def test_run_names_are_short_and_say_what_the_run_trained() -> None:
+    assert cell_run_name(["before_act", "relu"]) == "before_act · relu" and cell_run_name([]) == "all"
+    assert trial_run_name({"optimizer.lr": 10**-1.5}, 1003) == "lr 0.0316 · seed 1003"
+    assert trial_run_name({"optimizer.lr": 0.1}, 3, repeat=3) == "repeat 3 · lr 0.1 · seed 3"
+    assert (trial_run_name({"optimizer.lr": 0.1, "model.width": 64}, 0, retry=True)
+            == "lr 0.1 · width 64 · seed 0 · retry")
 
 
 # ---------------------------------------------------------------------- exact claiming
@@ -140,7 +144,19 @@ def test_tiny_sweep_two_workers_exact_counts(tiny_sweep: SimpleNamespace) -> Non
     trial_ids = {(r.data.tags["optuna.study"], int(r.data.tags["optuna.trial"])) for r in runs["trial"]}
     assert len(trial_ids) == 10
     for r in runs["cell"]:
-        assert {"best_lr", "best_val_acc", "lr_basin_decades", "s_per_epoch"} <= set(r.data.metrics)
+        assert {"best_lr", "best_val_acc", "basin_width", "basin_seeds", "test_acc_mean", "s_per_epoch"} <= set(
+            r.data.metrics) and "lr_basin_decades" not in r.data.metrics
+        study = next(s for s in studies if s.user_attrs["mlflow_parent_run_id"] == r.info.run_id)
+        assert r.data.metrics["basin_width"] == pytest.approx(study_basin(study, None, 0.8).width.estimate, nan_ok=True)
+    # run names: a cell's by its grid values, a trial's by its LR and seed; distinct among what the UI lists together
+    assert sorted(r.info.run_name for r in runs["cell"]) == ["before_act", "none"]
+    for parent in parents:
+        names = [r.info.run_name for r in runs["trial"] if r.data.tags["mlflow.parentRunId"] == parent]
+        assert len(names) == 5 and len(set(names)) == 5, names
+        assert sum(n.startswith("repeat ") for n in names) == 2
+        assert all(re.fullmatch(r"(repeat [12] · )?lr [0-9.e-]+ · seed [0-9]+", n) for n in names), names
+    names = [r.info.run_name for role in runs.values() for r in role]
+    assert len({n for n in names if "trial" in n}) == 0  # no "trial 12" in every cell
     arts = {a.path for a in client.list_artifacts(runs["summary"][0].info.run_id)}
     assert {"summary.csv", "summary.md"} <= arts
     rows = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(
@@ -151,7 +167,19 @@ def test_tiny_sweep_two_workers_exact_counts(tiny_sweep: SimpleNamespace) -> Non
                      and float(r.data.params["optimizer.lr"]) == pytest.approx(float(row["best_lr"])))
         m = trial.data.metrics
         assert float(row["precise_bn_gain"]) == pytest.approx(m["test_acc_precise"] - m["test_acc"], abs=1e-9)
-    assert "| placement=none |" in out.stdout and "dashboard: http://127.0.0.1" in out.stdout
+    assert "dashboard: http://127.0.0.1" in out.stdout
+    # the printed table: <= 8 columns, one row per cell (by its grid values), readable in 100 columns
+    printed = out.stdout[out.stdout.index("| cell"):out.stdout.index("\nTable: ")]  # the table and its note
+    table_part, note = printed.split("\n\n", 1)
+    lines = table_part.splitlines()
+    assert len(lines) == 4 and all(line.count("|") <= 9 for line in lines)
+    assert len({len(line) for line in lines}) == 1, lines  # aligned: the columns line up in a terminal
+    # 100 columns: the note always; the rows' width depends on what the cells got (here 2 x 3 trials, 2 repeats)
+    assert all(len(line) <= 100 for line in note.splitlines()) and len(lines[0]) <= 110, printed
+    assert re.search(r"^\| none +\|", out.stdout, re.M) and re.search(r"^\| before_act +\|", out.stdout, re.M)
+    assert not re.search(r"[-−+]0\.0+\b|±", "\n".join(lines)), lines
+    assert [row["label"] for row in rows] == ["none", "before_act"] and {"basin_width", "basin_seeds_closed"} <= set(
+        rows[0])
 
     again = sweep_cli(*tiny_sweep.args)
     assert again.returncode == 0

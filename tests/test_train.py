@@ -11,7 +11,7 @@ import torch
 from helpers import ROOT, make_cfg
 from mlflow.tracking import MlflowClient
 
-from bnsweep.errors import TrackingError
+from bnsweep.errors import ConfigError, TrackingError
 from bnsweep.training import checkpoint
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import run_training
@@ -19,7 +19,7 @@ from bnsweep.training.run import run_training
 QUICK = ["data.limit_train=3000", "data.val_size=1000", "trainer.max_epochs=2", "trainer.accelerator=cpu"]
 EPOCH_KEYS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
 FINAL_KEYS = ["test_acc", "test_loss", "best_val_acc", "runtime_s", "eval_time_s", "epochs_to_converge",
-              "steps_to_converge", "converged", "epochs_run", "s_per_epoch"]
+              "steps_to_converge", "converged", "epochs_run", "s_per_epoch", "train_acc_eval", "train_loss_eval"]
 
 
 def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, data_root: str) -> None:
@@ -67,6 +67,24 @@ def test_one_tracked_run_reads_back_from_the_mlflow_server(mlflow_server: str, d
                 correct += int((model(x).argmax(1) == y).sum())
                 n += len(y)
     assert correct / n == pytest.approx(m["test_acc"], abs=1e-9)
+    # train_acc_eval: eval mode (running statistics) on the first training images, here all 3,000 (5,000 capped)
+    train = InMemoryDataModule("mnist", data_root, os.environ.get("BNSWEEP_DATA_MIRROR"), val_size=1000,
+                               limit_train=3000)
+    train.setup("fit")
+    x, y = train.tensors["train_x"], train.tensors["train_y"]
+    assert len(x) == 3000
+    with torch.no_grad():
+        assert float((model(x).argmax(1) == y).double().mean()) == pytest.approx(m["train_acc_eval"], abs=1e-9)
+
+
+def test_train_acc_eval_counts_the_first_train_eval_size_images_or_is_off(data_root: str) -> None:
+    tiny = [*QUICK, "data.limit_train=320", "trainer.max_epochs=1", "model.hidden=[16]", "train.precise_bn=false",
+            "train.eval_batch_sizes=[]", "model.bn.placement=before_act", f"data.root={data_root}"]
+    some = run_training(make_cfg(*tiny, "train.train_eval_size=7"), track=False).metrics
+    assert some["train_acc_eval"] * 7 == pytest.approx(round(some["train_acc_eval"] * 7), abs=1e-9)  # k of 7 images
+    assert "train_acc_eval" not in run_training(make_cfg(*tiny, "train.train_eval_size=0"), track=False).metrics
+    with pytest.raises(ConfigError, match=r"train.train_eval_size=-1 is not allowed"):
+        run_training(make_cfg(*tiny, "train.train_eval_size=-1"), track=False)
 
 
 def test_same_config_and_seed_give_the_same_numbers(data_root: str) -> None:

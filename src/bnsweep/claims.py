@@ -1,15 +1,16 @@
-"""``bnsweep claims``: run the small sweeps that test the seeds' claims, then write the Claims report.
+"""``bnsweep claims``: run the claims sweeps, measure inference latency, then test every claim of the seeds.
 
-The sweeps are conf/sweep/claims_*.yaml (``report.claims.CLAIMS`` says which claim each one tests). Each
-runs through the sweep driver as ``bnsweep sweep`` would, so it is resumable: trials already finished are
-never re-run, and a second call only re-reads them. Then every claim is measured from the Optuna storage
-and MLflow (report.claims) and written to ``<out_dir>/claims/claims.{md,html,csv}``; each sweep also
-gets its own full report (``<out_dir>/<sweep>/``). Lives above the stages: it drives the sweep and reads
-the results, which no stage may do both of.
+The sweeps are conf/sweep/claims_*.yaml (report/registry.py says which settings each one serves). Each runs
+through the sweep driver as ``bnsweep sweep`` would, so it is resumable: finished trials are never re-run,
+and a second call only re-reads them. Latency (seed 002's inference claims) is measured here, on the
+architectures themselves. Every claim is then measured (report/verdicts.py) and written to
+``<out_dir>/claims/claims.{md,html,csv}`` and ``claims_summary.csv``; each sweep with a BN grid also gets its
+own report (``<out_dir>/<sweep>/``). Lives above the stages: it drives sweeps and reads their results.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -17,9 +18,9 @@ from pathlib import Path
 
 from bnsweep.config import compose
 from bnsweep.errors import ConfigError
+from bnsweep.report.results import CellResult, TrialResult
 
-SWEEPS = ("claims_bn", "claims_init", "claims_optimizers")
-OWN_KEYS = ("out_dir", "only")  # the claims command's own keys; every other key=value goes to each sweep
+OWN_KEYS = ("out_dir", "only", "latency_rounds")  # the command's own keys; every other key=value goes to each sweep
 
 
 def split_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -28,18 +29,63 @@ def split_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
         key, eq, value = a.partition("=")
         if not eq:
             raise ConfigError(f"{a}: not a key=value override; bnsweep claims takes the sweep's overrides "
-                              f"(workers=2, tracking.uri=...) and out_dir=, only=<sweep>[,<sweep>]")
+                              f"(workers=2, tracking.uri=...) and out_dir=, only=<sweep>[,<sweep>], latency_rounds=")
         (own.__setitem__(key, value) if key in OWN_KEYS else rest.append(a))
     return own, rest
+
+
+LATENCY_MODELS = {  # registry.LATENCY_SETTINGS' model names -> (train-config overrides)
+    "seed002": ["experiment=seed002_bn"],
+    "deep": ["model=mlp", "model.hidden=[100,100,100,100,100,100,100,100]", "model.bn.placement=before_act"],
+    "cnn": ["model=cnn", "model.bn.placement=before_act"],
+}
+
+
+def measure_latency(rounds: int) -> dict[tuple[str, str, str], list[float]]:
+    """(model, batch, net) -> per-round log(latency / no-BN latency), net in {bn, folded}; and nobn -> 0s.
+
+    Each round times the three networks interleaved (deploy.latency.measure), so a round's ratio is paired.
+    """
+    import torch
+    from omegaconf import OmegaConf
+
+    from bnsweep.deploy.latency import measure, three_models
+    from bnsweep.report.registry import LATENCY_SETTINGS
+    from bnsweep.training.checkpoint import build_model
+
+    torch.set_num_threads(1)
+    out: dict[tuple[str, str, str], list[float]] = {}
+    for model_name, batch in LATENCY_SETTINGS.values():
+        cfg = compose("train", LATENCY_MODELS[model_name])
+        in_shape = (1, 28, 28)
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        torch.manual_seed(0)
+        net = build_model(model_cfg, in_shape, 10).eval()
+        models = three_models(net, model_cfg, in_shape, 10)
+        key = (model_name, str(batch))
+        for _ in range(rounds):
+            m = measure(models, in_shape, batches=(batch,), repeats=60, budget_s=0.5)
+            for name in ("bn", "folded"):
+                out.setdefault((*key, name), []).append(math.log(m[f"latency_b{batch}_ratio_{name}_nobn"]))
+            out.setdefault((*key, "nobn"), []).append(0.0)
+    return out
+
+
+def wanted(cell: CellResult, trial: TrialResult) -> bool:
+    """Whose diagnostics the claims read: repeats, trials at a shared (fixed) LR, every trial of a one-LR cell."""
+    from bnsweep.report.registry import CLAIMS
+
+    fixed = {s.lr for c in CLAIMS for s in c.settings if s.lr is not None}
+    return (trial.repeat is not None or any(math.isclose(trial.lr, lr, rel_tol=1e-6) for lr in fixed)
+            or len(cell.trials) <= 1)
 
 
 def run_claims(args: Sequence[str]) -> Path:
     """Run (or resume) each claims sweep, then measure every claim; returns the Claims report's folder."""
     from bnsweep.report.build import collect, make_report
-    from bnsweep.report.claims import CLAIM_COLUMNS, Study, claim_rows, section
-    from bnsweep.report.export import write_csv
-    from bnsweep.report.render import Document
-    from bnsweep.report.results import Layout
+    from bnsweep.report.claims_doc import write
+    from bnsweep.report.registry import SWEEPS
+    from bnsweep.report.verdicts import Study, claim_rows
     from bnsweep.sweep.driver import run as run_sweep
     from bnsweep.sweep.storage import default_storage
 
@@ -48,6 +94,7 @@ def run_claims(args: Sequence[str]) -> Path:
     unknown = [n for n in names if n not in SWEEPS]
     if unknown:
         raise ConfigError(f"only={own['only']}: choose among {', '.join(SWEEPS)}")
+    rounds = int(own.get("latency_rounds", 8))
     out_dir = Path(own.get("out_dir", "reports"))
     start = time.perf_counter()
     studies = {}
@@ -57,28 +104,25 @@ def run_claims(args: Sequence[str]) -> Path:
         run_sweep(cfg)
         print(f"claims: sweep {name} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         url = cfg.storage or default_storage(Path(cfg.tracking.store_dir).resolve(), name)
-        attrs, cells, _, _ = collect(name, url, cfg.tracking)
-        studies[name] = Study(cells, Layout.of(cells, list(attrs.get("grid") or {})))
-        report_cfg = compose("report", [f"sweep={name}", f"out_dir={out_dir}",
-                                        *[o for o in overrides if o.startswith(("tracking.", "storage="))]])
-        make_report(report_cfg)
-    rows = claim_rows(studies)
+        _, cells, _, _ = collect(name, url, cfg.tracking, diagnostics_of=wanted)
+        studies[name] = Study(cells)
+        if any("placement" in c.labels for c in cells):  # a BN grid: the sweep's own report reads well
+            report_cfg = compose("report", [f"sweep={name}", f"out_dir={out_dir}",
+                                            *[o for o in overrides if o.startswith(("tracking.", "storage="))]])
+            make_report(report_cfg)
+    t0 = time.perf_counter()
+    latency = measure_latency(rounds) if rounds > 0 else {}
+    print(f"claims: inference latency measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    rows = claim_rows(studies, latency=latency)
     out = out_dir / "claims"
-    out.mkdir(parents=True, exist_ok=True)
-    doc = Document("The seeds' claims, tested")
-    doc.para(f"Sweeps: {', '.join(f'`{n}`' for n in names)} (conf/sweep/claims_*.yaml); each has its full "
-             f"report in {out_dir}/<sweep>/. Re-running `bnsweep claims` re-uses every finished trial.")
-    section(doc, rows)
-    (out / "claims.md").write_text(doc.to_markdown())
-    (out / "claims.html").write_text(doc.to_html())
-    write_csv(out / "claims.csv", CLAIM_COLUMNS, rows)
-    print(f"claims: {out / 'claims.md'} (+ claims.html, claims.csv), {len(rows)} rows, in "
+    files = write(out, rows, names, time.perf_counter() - start)
+    print(f"claims: {files[0]} (+ claims.html, claims.csv, claims_summary.csv), {len(rows)} rows, in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
     return out
 
 
 def main(args: Sequence[str]) -> None:
-    """``bnsweep claims [workers=2] [tracking.uri=...] [out_dir=reports] [only=claims_bn]``."""
+    """``bnsweep claims [workers=2] [tracking.uri=...] [out_dir=reports] [only=claims_act] [latency_rounds=8]``."""
     from bnsweep.errors import run_app
 
     run_app(run_claims, list(args))

@@ -86,7 +86,7 @@ def shape_key(cfg: DictConfig, dm: InMemoryDataModule, candidates: Sequence[int]
     sizes = {k: len(v) for k, v in dm.tensors.items() if k.endswith("_x")}
     what = {"layers": layer_shapes(cfg, dm), "in": list(dm.in_shape), "sizes": sizes,
             "batch": dm.batch_size, "epochs": int(cfg.trainer.max_epochs), "optimizer": opt,
-            "eval": [str(cfg.train.get(k)) for k in ("eval_batch_sizes", "precise_bn")],
+            "eval": [str(cfg.train.get(k)) for k in ("eval_batch_sizes", "precise_bn", "train_eval_size")],
             "candidates": list(candidates), "v": CACHE_VERSION}
     return hashlib.sha1(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -176,11 +176,12 @@ def slice_trial_s(cfg: DictConfig, dm: InMemoryDataModule, k: int, steps: int) -
 
 
 def eval_inputs(cfg: DictConfig, n_train: int, n_val: int, n_test: int) -> int:
-    """Inputs a trial evaluates: validation each epoch, the test set (running, precise BN, each small batch size)
-    and precise BN's pass over the training set."""
+    """Inputs a trial evaluates: validation each epoch, the test set (running, precise BN, each small batch size),
+    precise BN's pass over the training set and the training subset of ``train_acc_eval``."""
     precise = bool(cfg.train.get("precise_bn", True))
     tests = 1 + precise + len(cfg.train.get("eval_batch_sizes") or ())
-    return int(cfg.trainer.max_epochs) * n_val + tests * n_test + precise * n_train
+    train_eval = min(int(cfg.train.get("train_eval_size", 5000) or 0), n_train)
+    return int(cfg.trainer.max_epochs) * n_val + tests * n_test + precise * n_train + train_eval
 
 
 def predict(cfg: DictConfig, k: int, slice_s: float, slice_steps: int, step_s: float, eval_s_per_input: float,

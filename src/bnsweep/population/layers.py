@@ -88,16 +88,26 @@ class StackedBatchNorm(nn.Module):
     def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
         super().__init__()
         bn = layers[0]
-        if not (bn.affine and bn.track_running_stats and bn.momentum is not None):
-            raise ConfigError("population training needs BN with affine weights, running statistics and a momentum")
+        if not (bn.track_running_stats and bn.momentum is not None):
+            raise ConfigError("population training needs BN with running statistics and a momentum")
         self.eps, self.momentum, self.spatial = bn.eps, bn.momentum, isinstance(bn, nn.BatchNorm2d)
-        self.weight, self.bias = _stack(layers, "weight"), _stack(layers, "bias")  # (K, C)
+        self.weight, self.bias = _stack(layers, "weight"), _stack(layers, "bias")  # (K, C); None: affine=False
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             self.register_buffer(name, torch.stack([getattr(m, name) for m in layers]).clone())
 
+    @property
+    def shape(self) -> torch.Size:
+        """(K, C): members and channels (from the running statistics: gamma/beta may be absent)."""
+        return self.running_mean.shape
+
+    def flat(self, name: str) -> torch.Tensor | None:
+        """gamma or beta as (K*C,) for one ``batch_norm`` call; None without affine parameters."""
+        t = getattr(self, name)
+        return None if t is None else t.view(-1)
+
     def channels(self, x: torch.Tensor, layout: str) -> torch.Tensor:
         """The input as (B, K*C, ...), member-major: what one batch_norm call normalizes."""
-        k, c = self.weight.shape
+        k, c = self.shape
         if self.spatial:
             return _channels(x, layout, k)
         if layout == "shared":
@@ -105,17 +115,21 @@ class StackedBatchNorm(nn.Module):
         return x.transpose(0, 1).reshape(x.shape[1], k * c)
 
     def forward(self, x: torch.Tensor, layout: str) -> Act:
-        k, c = self.weight.shape
+        k, c = self.shape
         if not self.training and not self.spatial:  # running statistics: one op, straight to (K, B, C)
-            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            shift = self.bias - self.running_mean * scale
+            scale = torch.rsqrt(self.running_var + self.eps)
+            if self.weight is not None:
+                scale = self.weight * scale
+            shift = -self.running_mean * scale
+            if self.bias is not None:
+                shift = self.bias + shift
             return torch.addcmul(shift.unsqueeze(1), x.unsqueeze(0) if layout == "shared" else x,
                                  scale.unsqueeze(1)), "features"
         if self.training:
             self.num_batches_tracked += 1
         y = self.channels(x, layout)
-        y = F.batch_norm(y, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
-                         self.bias.view(-1), self.training, self.momentum, self.eps)
+        y = F.batch_norm(y, self.running_mean.view(-1), self.running_var.view(-1), self.flat("weight"),
+                         self.flat("bias"), self.training, self.momentum, self.eps)
         if self.spatial:
             return y, "channels"
         # contiguous (K, B, C): what the next batched matmul (and its gradients) run fastest on

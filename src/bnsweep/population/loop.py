@@ -51,6 +51,7 @@ from bnsweep.training.run import (
     prepare,
     stage_run,
     test_metrics,
+    train_eval_size,
 )
 
 log = logging.getLogger("bnsweep.population")
@@ -155,11 +156,11 @@ class StackedGroupStatsBN(torch.nn.Module):
     def __init__(self, bn: StackedBatchNorm, size: int) -> None:
         super().__init__()
         self.bn = bn
-        flat = SimpleNamespace(eps=bn.eps, weight=bn.weight.view(-1), bias=bn.bias.view(-1))
+        flat = SimpleNamespace(eps=bn.eps, weight=bn.flat("weight"), bias=bn.flat("bias"))
         self.group = bn_eval._GroupStatsBN(flat, size)  # K*C channels: statistics per member (its private helper)
 
     def forward(self, x: torch.Tensor, layout: str) -> tuple[torch.Tensor, str]:
-        k, c = self.bn.weight.shape
+        k, c = self.bn.shape
         y = self.group(self.bn.channels(x, layout))
         if self.bn.spatial:
             return y, "channels"
@@ -240,9 +241,10 @@ class Population:
 
     def finish(self, m: Member, outcome: str, test: tuple[float, float] | None = None,
                precise: tuple[float, float] | None = None, eval_s: float = 0.0,
-               small: dict[str, float] | None = None) -> None:
+               small: dict[str, float] | None = None, train_eval: tuple[float, float] | None = None) -> None:
         """``eval_s``: the member's share of the population's test evaluation (its ``eval_time_s``);
-        ``small``: its small-batch test metrics, measured for all members at once."""
+        ``small``, ``train_eval``: its small-batch test metrics and its (loss, accuracy) in eval mode on the
+        training subset (``train_acc_eval``), measured for all members at once."""
         final = final_metrics(m.cfg, m.history, m.checks, self.dm, outcome, m.runtime, self.counts)
         if test is not None:
             started = time.perf_counter()
@@ -250,7 +252,7 @@ class Population:
             if small is not None:  # measured already: test_metrics must not run them again, one member at a time
                 cfg = m.cfg.copy()
                 OmegaConf.update(cfg, "train.eval_batch_sizes", [], merge=False)
-            final |= test_metrics(cfg, m.model, self.dm, *test, precise=precise) | (small or {})
+            final |= test_metrics(cfg, m.model, self.dm, *test, precise=precise, train_eval=train_eval) | (small or {})
             final["eval_time_s"] = eval_s + time.perf_counter() - started
         if m.tracker:
             close_tracker(m.tracker, m.cfg, m.model, self.dm, final, outcome, self.steps)
@@ -355,10 +357,12 @@ class Population:
             precise = evaluate(net, t["test_x"], t["test_y"], chunk)
         sizes = list(self.members[0].cfg.train.get("eval_batch_sizes") or ())
         small = small_batch_metrics(self.net, t["test_x"], t["test_y"], sizes, chunk)
+        n = train_eval_size(self.members[0].cfg, self.dm)  # train_acc_eval of all members at once
+        train_eval = evaluate(self.net, t["train_x"][:n], t["train_y"][:n], chunk) if n else [None] * len(self.active)
         share = (time.perf_counter() - evaluated) / len(self.active)
         for j, m in enumerate(self.active):
             m.model.load_state_dict(self.net.member_state(j))
-            self.finish(m, "completed", test[j], precise[j], share, small[j])
+            self.finish(m, "completed", test[j], precise[j], share, small[j], train_eval[j])
         self.active = []
 
 

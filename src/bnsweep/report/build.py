@@ -25,11 +25,11 @@ from omegaconf import DictConfig
 from bnsweep.defaults import CONF_DIR
 from bnsweep.errors import ConfigError, run_app
 from bnsweep.report import figures
-from bnsweep.report.claims import CLAIM_COLUMNS, Study, claim_rows, section
 from bnsweep.report.export import ANSWER_COLUMNS, BASIN_COLUMNS, answer_rows, basin_rows, write_csv
-from bnsweep.report.results import LR, METRICS, CellResult, Layout, collect_cell, comparisons, fetch_mlflow
-from bnsweep.report.sentences import compose
+from bnsweep.report.results import METRICS, CellResult, Layout, collect_cell, comparisons, fetch_mlflow
+from bnsweep.report.sentences import KEYS_BETWEEN, KEYS_VS_BASE, compose
 from bnsweep.sweep import files
+from bnsweep.sweep.basin import search_limits
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 from bnsweep.tracking.dashboard import VIEW_TAG, runs_table_url
 from bnsweep.tracking.runs import get_or_create_experiment, summary_run
@@ -60,7 +60,12 @@ def render(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], out: P
     layout = Layout.of(cells, list(attrs.get("grid") or {}))
     vs_base, between = comparisons(cells, layout)
     out.mkdir(parents=True, exist_ok=True)
-    figs: dict[str, Path] = {"heatmap": figures.heatmaps(cells, layout, out / "heatmap.png", dpi)}
+    figs: dict[str, Path] = {}
+    if vs_base or between:
+        figs["verdicts"] = figures.verdict_matrix(
+            [*[(c, KEYS_VS_BASE) for c in vs_base], *[(c, KEYS_BETWEEN) for c in between]],
+            [(k, lab) for k, lab, _ in METRICS if k in KEYS_VS_BASE], out / "verdicts.png", dpi)
+    figs["heatmap"] = figures.heatmaps(cells, layout, out / "heatmap.png", dpi)
     if vs_base or between:
         figs["effects"] = figures.effects([*vs_base, *between], [(k, f"Δ {lab}") for k, lab, _ in METRICS
                                                                  if k != "test_acc"], out / "effects.png", dpi)
@@ -79,32 +84,30 @@ def render(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], out: P
         notes["diagnostics"] = ("No diagnostics: this sweep ran with train.diagnostics=false (add it to the "
                                 "sweep's base, as sweeps/report.yaml does).")
     doc = compose(name, attrs, cells, layout, vs_base, between, figs, notes, link)
-    claims = [r for r in claim_rows({name: Study(cells, layout)}) if r["study"] == name]
-    if claims:  # a claims sweep (conf/sweep/claims_*.yaml): its claims, tested
-        section(doc, claims)
     (out / "report.md").write_text(doc.to_markdown())
     (out / "report.html").write_text(doc.to_html())
     csvs = [write_csv(out / "answers.csv", ANSWER_COLUMNS, answer_rows(vs_base, between, target)),
             write_csv(out / "basins.csv", BASIN_COLUMNS, basin_rows(cells))]
-    if claims:
-        csvs.append(write_csv(out / "claims.csv", CLAIM_COLUMNS, claims))
     return [out / "report.md", out / "report.html", *figs.values(), *csvs]
 
 
-def collect(name: str, url: str, tracking: DictConfig) -> tuple[dict[str, Any], list[CellResult], MlflowClient, str]:
-    """A sweep's study attributes, its cells (Optuna storage ``url``) with their MLflow histories, the client, URI."""
+def collect(name: str, url: str, tracking: DictConfig, diagnostics_of: Any = None
+            ) -> tuple[dict[str, Any], list[CellResult], MlflowClient, str]:
+    """A sweep's study attributes, its cells (Optuna storage ``url``) with their MLflow histories, the client, URI.
+
+    ``diagnostics_of(cell, trial)``: whose diagnostics.csv to fetch besides the best trials' (default: repeats).
+    """
     studies = sorted(sweep_studies(open_storage(url), name), key=lambda s: s.user_attrs.get("order", 0))
     if not studies:
         raise ConfigError(f"sweep={name!r} has no results in {url}; run it first (bnsweep sweep sweep={name})")
     attrs = dict(studies[0].user_attrs)  # what the sweep ran with (the file may have changed since)
-    dist = optuna.distributions.json_to_distribution(attrs["search"][LR]) if LR in attrs["search"] else None
-    search_range = (dist.low, dist.high) if dist is not None else (math.nan, math.nan)
+    search_range = search_limits(attrs, (math.nan, math.nan))
     attrs["search_range"] = search_range
     target = float(attrs["target_acc"])
     cells = [collect_cell(s, search_range, target) for s in studies]
     uri = connect(tracking)
     client = MlflowClient(uri)
-    fetch_mlflow(client, cells)
+    fetch_mlflow(client, cells, diagnostics_of)
     return attrs, cells, client, uri
 
 

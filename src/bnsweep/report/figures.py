@@ -20,7 +20,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from bnsweep.report.results import CellResult, Comparison, Layout  # noqa: E402
-from bnsweep.report.stats import mean_ci  # noqa: E402
+from bnsweep.stats import mean_ci  # noqa: E402
 
 DPI = 100
 COLORS = plt.get_cmap("tab10").colors
@@ -180,7 +180,7 @@ def effects(comparisons: Sequence[Comparison], metrics: Sequence[tuple[str, str]
             iv = comp.deltas[key]
             if math.isnan(iv.estimate):
                 continue
-            resolved = iv.sign != 0
+            resolved = comp.verdicts.get(key, "not_resolved") != "not_resolved"
             color = "tab:blue" if resolved else "tab:gray"
             if math.isfinite(iv.low) and math.isfinite(iv.high):
                 ax.plot([iv.low, iv.high], [y, y], color=color, lw=2.5 if resolved else 1.2,
@@ -228,9 +228,10 @@ def diagnostics(cells: Sequence[CellResult], layout: Layout, path_pre: Path, pat
         fig, axes = _panels(len(layout.rows), len(layout.groups), sharex=True, sharey=kind == "grad")
         for c in with_diag:
             ax = axes[layout.rows.index(c.labels[layout.row]), layout.groups.index(layout.group(c))]
-            layers = list(dict.fromkeys(r["layer"] for r in c.diagnostics))
+            diag = [r for r in c.diagnostics if r.get("point", "act_in") == "act_in"]  # one row per (step, layer)
+            layers = list(dict.fromkeys(r["layer"] for r in diag))
             for k, layer in enumerate(layers):
-                rows = [r for r in c.diagnostics if r["layer"] == layer]
+                rows = [r for r in diag if r["layer"] == layer]
                 steps = [r["step"] for r in rows]
                 color = COLORS[k % len(COLORS)]
                 if kind == "pre":
@@ -251,3 +252,44 @@ def diagnostics(cells: Sequence[CellResult], layout: Layout, path_pre: Path, pat
             ax.set_ylabel("activation input (p15-p85)" if kind == "pre" else "weight grad norm")
         out.append(_save(fig, path, dpi))
     return out
+
+
+# ---------------------------------------------------------------------- the one-glance verdict matrix
+
+BETTER = {"best_val_acc": "greater", "test_acc": "greater", "epochs_to_converge": "less", "s_per_epoch": "less",
+          "time_to_target": "less", "basin": "greater"}  # which verdict means 'first is better'
+
+
+def verdict_matrix(rows: Sequence[tuple[Comparison, Sequence[str]]], metrics: Sequence[tuple[str, str]],
+                   path: Path, dpi: int = DPI) -> Path:
+    """Comparisons (rows) x metrics (columns), each cell coloured by its verdict and labelled with the effect.
+
+    ``rows``: (comparison, the metrics its report line states); a metric it does not state stays blank.
+    """
+    colors = {"better": "#7fc97f", "worse": "#f0797a", "not_resolved": "#d9d9d9", "": "white"}
+    fig, ax = plt.subplots(figsize=(1.45 * len(metrics) + 3.2, 0.36 * len(rows) + 0.9), layout="constrained")
+    for y, (comp, keys) in enumerate(rows):
+        for x, (key, _) in enumerate(metrics):
+            v = comp.verdicts.get(key, "not_resolved") if key in keys else ""
+            kind = "" if not v else "not_resolved" if v == "not_resolved" else (
+                "better" if v == BETTER[key] else "worse")
+            ax.add_patch(plt.Rectangle((x, y), 1, 1, facecolor=colors[kind], edgecolor="white", lw=2))
+            if kind:
+                iv = comp.deltas[key]
+                scale = 100.0 if key in ("best_val_acc", "test_acc") else 1.0
+                est = 0.0 if abs(iv.estimate) < 1e-9 else iv.estimate * scale
+                text = "-" if math.isnan(est) else f"{est:+.2g}"
+                ax.text(x + 0.5, y + 0.5, text, ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, len(metrics))
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([i + 0.5 for i in range(len(metrics))], [label for _, label in metrics], fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([i + 0.5 for i in range(len(rows))],
+                  [f"{c.group}: {c.a_label} vs {c.b_label}" for c, _ in rows], fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    handles = [Patch(facecolor=colors[k], label=lab) for k, lab in
+               (("better", "first better"), ("worse", "first worse"), ("not_resolved", "not resolved"))]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    return _save(fig, path, dpi)

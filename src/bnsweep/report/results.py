@@ -19,9 +19,9 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
-from bnsweep.report.basins import Basin, basin_diff, study_basin
-from bnsweep.report.stats import Interval, paired_diff
+from bnsweep.stats import ALPHA, Interval, Test, censored_pairs, holm, superiority
 from bnsweep.sweep import table
+from bnsweep.sweep.basin import Basin, basin_diff, study_basin
 from bnsweep.sweep.definition import cell_labels, short_keys
 from bnsweep.sweep.slots import best_trial, is_repeat
 from bnsweep.training.diagnostics import ARTIFACT as DIAGNOSTICS
@@ -33,13 +33,13 @@ log = logging.getLogger("bnsweep.report")
 METRICS = [("best_val_acc", "best val acc", "{:+.4f}"), ("test_acc", "test acc", "{:+.4f}"),
            ("epochs_to_converge", "epochs to target", "{:+.2f}"), ("s_per_epoch", "s/epoch", "{:+.3f}"),
            ("time_to_target", "time to target (s)", "{:+.1f}"), ("basin", "LR basin (decades)", "{:+.2f}")]
-# Per-repeat quantities the claims need that no trial logs as such (see TrialResult.value)
-DERIVED = {"train_test_gap": "final train acc minus test acc (the regularization view)",
+# Per-trial quantities the claims need that no trial logs as such (see TrialResult.value)
+DERIVED = {"train_test_gap": "train acc (eval mode, fixed training subset) minus test acc",
            "precise_bn_gain": "test acc with population statistics minus with running averages",
-           "preact_extent": "how far the central 70% of the activations' inputs reach (max |p15|, |p85|), "
-                            "mean over hidden layers, last half of training",
-           "preact_drift": "shift of the activations' input distribution (|Δ median| + |Δ 15-85 spread|) from "
-                           "the first to the last sample, in units of the first sample's spread, mean over layers"}
+           "saturation": "fraction of the activation's inputs where its slope is below 10% of its peak, mean over "
+                         "hidden layers, last half of training",
+           "drift": "shift of the hidden Linear outputs' distribution (|Δ median| + |Δ 15-85 spread|) from the "
+                    "first to the last sample, in units of the first sample's spread, mean over layers 2+"}
 
 
 # ---------------------------------------------------------------------- what a sweep holds
@@ -53,6 +53,7 @@ class TrialResult:
     metrics: dict[str, float]
     run_id: str | None
     repeat: int | None = None  # k of a repeat (seed + k at the best LR); None for an LR-search trial
+    seed: int | None = None  # the training seed: what paired comparisons pair on
     val_acc: list[float] = field(default_factory=list)  # per validation; fetched for best trials and repeats
     val_epoch: list[float] = field(default_factory=list)  # the (fractional) epoch of each val_acc, when logged
     diagnostics: list[dict[str, Any]] | None = None  # repeats: diagnostics.csv rows, when the sweep logged them
@@ -61,15 +62,16 @@ class TrialResult:
     def of(cls, t: FrozenTrial) -> TrialResult:
         state = "diverged" if t.user_attrs.get("diverged") else t.state.name.lower().replace("fail", "failed")
         return cls(t.number, float(t.params.get(LR, math.nan)), state, dict(t.user_attrs.get("metrics") or {}),
-                   (t.user_attrs.get("run") or {}).get("mlflow_run_id"), t.user_attrs.get("repeat"))
+                   (t.user_attrs.get("run") or {}).get("mlflow_run_id"), t.user_attrs.get("repeat"),
+                   t.user_attrs.get("seed"))
 
     def value(self, key: str) -> float:
-        if key == "time_to_target":  # censored runs count budget + 1 epochs, as epochs_to_converge does
+        if key == "time_to_target":  # of a censored run (converged 0): only a bound; report.results.compare knows
             return self.metrics.get("epochs_to_converge", math.nan) * self.metrics.get("s_per_epoch", math.nan)
-        if key == "train_test_gap":
-            return self.metrics.get("final_train_acc", math.nan) - self.metrics.get("test_acc", math.nan)
-        if key in ("preact_extent", "preact_drift"):
-            return preact_summary(self.diagnostics or [])[key]
+        if key == "train_test_gap":  # eval-mode accuracy on a fixed training subset: no batch noise in it
+            return self.metrics.get("train_acc_eval", math.nan) - self.metrics.get("test_acc", math.nan)
+        if key in POINT_MEASURES:
+            return point_measure(self.diagnostics or [], key)
         return float(self.metrics.get(key, math.nan))
 
     @property
@@ -80,23 +82,34 @@ class TrialResult:
         return [float(i + 1) for i in range(len(self.val_acc))]
 
 
-def preact_summary(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """``preact_extent`` and ``preact_drift`` (see DERIVED) from diagnostics.csv rows; NaN without hidden layers."""
+# measure -> (diagnostics point, first hidden layer it is taken from); see training/diagnostics.py
+POINT_MEASURES = {"saturation": ("act_in", 1), "drift": ("linear_out", 2)}
+
+
+def point_measure(rows: Sequence[dict[str, Any]], key: str) -> float:
+    """``saturation`` or ``drift`` (see DERIVED) from diagnostics.csv rows; NaN where the point was not sampled."""
+    point, first_layer = POINT_MEASURES[key]
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if all(math.isfinite(float(r[k])) for k in ("p15", "p50", "p85")):
-            by_layer.setdefault(r["layer"], []).append(r)
-    extent, drift = [], []
+        layer = str(r["layer"])
+        index = int("".join(ch for ch in layer if ch.isdigit()) or 0)
+        if r.get("point", "act_in") == point and index >= first_layer and all(
+                math.isfinite(float(r[k])) for k in ("p15", "p50", "p85")):
+            by_layer.setdefault(layer, []).append(r)
+    values = []
     for samples in by_layer.values():
         samples.sort(key=lambda r: r["step"])
-        late = samples[len(samples) // 2:]
-        extent.append(sum(max(abs(r["p15"]), abs(r["p85"])) for r in late) / len(late))
-        first, last = samples[0], samples[-1]
-        spread0, spread1 = first["p85"] - first["p15"], last["p85"] - last["p15"]
-        if spread0 > 0:
-            drift.append((abs(last["p50"] - first["p50"]) + abs(spread1 - spread0)) / spread0)
-    mean = lambda v: sum(v) / len(v) if v else math.nan  # noqa: E731
-    return {"preact_extent": mean(extent), "preact_drift": mean(drift)}
+        if key == "saturation":
+            late = [float(r.get("sat", math.nan)) for r in samples[len(samples) // 2:]]
+            late = [v for v in late if math.isfinite(v)]
+            if late:
+                values.append(sum(late) / len(late))
+        else:
+            first, last = samples[0], samples[-1]
+            spread0, spread1 = first["p85"] - first["p15"], last["p85"] - last["p15"]
+            if spread0 > 0:
+                values.append((abs(last["p50"] - first["p50"]) + abs(spread1 - spread0)) / spread0)
+    return sum(values) / len(values) if values else math.nan
 
 
 @dataclass
@@ -110,6 +123,8 @@ class CellResult:
     basin: Basin
     diagnostics: list[dict[str, Any]] | None = None
     waiting: int = 0  # trials (LR search or repeats) not finished yet
+    overrides: list[str] = field(default_factory=list)  # the cell's train-config overrides, as the study stores them
+    resolution: float = 0.0  # the basin search's lattice step in decades (0: no basin search)
 
     def repeat_values(self, key: str) -> dict[int, float]:
         """Repeat k -> its value: what paired comparisons pair on (the same seed in every cell)."""
@@ -129,48 +144,47 @@ def collect_cell(study: optuna.Study, search_range: tuple[float, float], target:
     basin = study_basin(study, search_range, target)
     return CellResult(study.user_attrs.get("cell", study.study_name), labels, table.cell_row(study, target),
                       search, repeats, next((t for t in search if best and t.number == best.number), None), basin,
-                      waiting=sum(not t.state.is_finished() for t in trials))
+                      waiting=sum(not t.state.is_finished() for t in trials),
+                      overrides=list(study.user_attrs.get("overrides") or []),
+                      resolution=float((study.user_attrs.get("basin") or {}).get("resolution", 0.0)))
 
 
-def fetch_mlflow(client: MlflowClient, cells: Sequence[CellResult], diagnostics_of_repeats: bool = True) -> None:
-    """val_acc histories of each best trial and repeat (and each repeat's last train_acc), the best trial's
-    diagnostics and, for the claims' saturation and drift, each repeat's; in parallel."""
+def fetch_mlflow(client: MlflowClient, cells: Sequence[CellResult],
+                 diagnostics_of: Callable[[CellResult, TrialResult], bool] | None = None) -> None:
+    """val_acc histories of each best trial and repeat, the best trial's diagnostics and, for the claims'
+    saturation and drift, the diagnostics of every trial ``diagnostics_of`` picks (default: the repeats);
+    in parallel."""
     jobs: list[Callable[[], None]] = []
+    pick = diagnostics_of or (lambda c, t: t.repeat is not None)
 
     def history(t: TrialResult) -> None:
         acc = sorted(client.get_metric_history(t.run_id, "val_acc"), key=lambda m: m.step)
         t.val_acc = [m.value for m in acc]
         epochs = {m.step: m.value for m in client.get_metric_history(t.run_id, "val_epoch")}
         t.val_epoch = [epochs[m.step] for m in acc if m.step in epochs]  # same step = global step
-        if t.repeat is not None:  # the train-test gap of a repeat: its last train_acc
-            train = sorted(client.get_metric_history(t.run_id, "train_acc"), key=lambda m: m.step)
-            if train:
-                t.metrics["final_train_acc"] = train[-1].value
 
-    def repeat_diag(t: TrialResult) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                path = client.download_artifacts(t.run_id, DIAGNOSTICS, tmp)
-            except Exception:  # diagnostics were off for this sweep
-                return
-            t.diagnostics = read_csv(Path(path).read_text())
-
-    def diag(c: CellResult, run_id: str) -> None:
+    def download(run_id: str) -> list[dict[str, Any]] | None:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 path = client.download_artifacts(run_id, DIAGNOSTICS, tmp)
             except Exception:  # diagnostics were off for this sweep: no such artifact
-                return
-            c.diagnostics = read_csv(Path(path).read_text())
+                return None
+            return read_csv(Path(path).read_text())
+
+    def trial_diag(t: TrialResult) -> None:
+        t.diagnostics = download(t.run_id)
+
+    def cell_diag(c: CellResult, run_id: str) -> None:
+        c.diagnostics = download(run_id)
 
     for c in cells:
         for t in [c.best, *c.repeats]:
             if t and t.run_id:
                 jobs.append(lambda t=t: history(t))
         if c.best and c.best.run_id:
-            jobs.append(lambda c=c: diag(c, c.best.run_id))
-        if diagnostics_of_repeats:
-            jobs += [lambda t=t: repeat_diag(t) for t in c.repeats if t.run_id]
+            jobs.append(lambda c=c: cell_diag(c, c.best.run_id))
+        jobs += [lambda t=t: trial_diag(t) for t in [*c.trials, *c.repeats]
+                 if t.run_id and t.state == "complete" and pick(c, t)]
     with ThreadPoolExecutor(max_workers=8) as pool:
         for f in [pool.submit(j) for j in jobs]:
             try:
@@ -229,27 +243,74 @@ class Layout:
         return ", ".join(f"{k}={c.labels[k]}" for k in self.facet_keys)
 
 
+CENSORED = ("epochs_to_converge", "time_to_target")  # unknown (censored) for a run that never reached the target
+
+
+def _censored(c: CellResult, key: str) -> dict[int, tuple[float, bool]]:
+    return {t.repeat: (v, bool(t.metrics.get("converged"))) for t in c.repeats
+            if math.isfinite(v := t.value(key)) and t.metrics.get("converged") is not None}
+
+
+def compare(a: CellResult, b: CellResult, key: str) -> Test:
+    """Cell a minus cell b in one metric: the test that fits it (stats.py), paired by seed.
+
+    Accuracies and s/epoch: a paired t-test over the repeats. Epochs and time to target: censored where a run
+    never got there, so a paired sign test on the orderings (never budget + 1 averaged). LR basin: the widths
+    of the search seeds that closed both edges, an exact sign-flip test on the lattice (at least one step
+    wide); a basin from one seed, or an open edge, decides nothing.
+    """
+    if key == "basin":
+        common = sorted(set(a.basin.closed) & set(b.basin.closed))
+        diffs = [a.basin.closed[s].width - b.basin.closed[s].width for s in common]
+        if len(diffs) < 2:  # one seed's bracket (or an open edge) is a bound, never a verdict
+            iv = basin_diff(a.basin, b.basin)
+            return Test(iv, 1.0, 1.0, "bracket (fewer than 2 seeds closed both edges)")
+        return superiority(diffs, +1, lattice=max(a.resolution, b.resolution) or 0.25)
+    if key in CENSORED:
+        ca, cb = _censored(a, key), _censored(b, key)
+        common = sorted(set(ca) & set(cb))
+        return censored_pairs([ca[k] for k in common], [cb[k] for k in common], +1)
+    va, vb = a.repeat_values(key), b.repeat_values(key)
+    return superiority([va[k] - vb[k] for k in va if k in vb], +1)
+
+
 @dataclass
 class Comparison:
-    """Cell a minus cell b (same group), paired by seed; the basin by its bracket."""
+    """Cell a minus cell b (same group), paired by seed: a test per metric, decided after Holm (``decide``)."""
 
     group: str
     a: CellResult
     b: CellResult
     a_label: str
     b_label: str
-    deltas: dict[str, Interval]
+    tests: dict[str, Test]
+    verdicts: dict[str, str] = field(default_factory=dict)  # metric -> greater | less | not_resolved
+    p_adjusted: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def deltas(self) -> dict[str, Interval]:
+        return {k: t.iv for k, t in self.tests.items()}
 
     @classmethod
     def of(cls, group: str, a: CellResult, b: CellResult, row: str) -> Comparison:
-        deltas = {k: paired_diff(a.repeat_values(k), b.repeat_values(k)) for k, *_ in METRICS if k != "basin"}
-        deltas["basin"] = basin_diff(a.basin, b.basin)
-        return cls(group, a, b, a.labels[row], b.labels[row], deltas)
+        return cls(group, a, b, a.labels[row], b.labels[row], {k: compare(a, b, k) for k, *_ in METRICS})
+
+
+def decide_all(comps: Sequence[Comparison], alpha: float = ALPHA) -> None:
+    """Holm's correction over every comparison line of one metric; a line's verdict is its sign where the
+    corrected p < alpha. ``p_for`` of each test is 'a > b' (two-sided p on that side)."""
+    for key, *_ in METRICS:
+        tests = [c.tests[key] for c in comps]
+        for c, t, p in zip(comps, tests, holm([t.p for t in tests]), strict=True):
+            c.p_adjusted[key] = p
+            c.verdicts[key] = ("not_resolved" if t.iv.n < 2 or not p < alpha else
+                               "greater" if t.p_for <= t.p_against else "less")
 
 
 def comparisons(cells: Sequence[CellResult], layout: Layout) -> tuple[list[Comparison], list[Comparison]]:
     """Per group: every BN variant vs the baseline, and the BN variants against each other."""
-    vs_base, between = [], []
+    vs_base: list[Comparison] = []
+    between: list[Comparison] = []
     for g in layout.groups:
         by_row = {c.labels[layout.row]: c for c in cells if layout.group(c) == g}
         base = by_row.get(layout.baseline)
@@ -258,4 +319,5 @@ def comparisons(cells: Sequence[CellResult], layout: Layout) -> tuple[list[Compa
             vs_base += [Comparison.of(g, by_row[v], base, layout.row) for v in variants]
         between += [Comparison.of(g, by_row[a], by_row[b], layout.row)
                     for i, a in enumerate(variants) for b in variants[i + 1:]]
+    decide_all([*vs_base, *between])
     return vs_base, between

@@ -11,11 +11,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bnsweep.report.basins import EDGE_OPEN
 from bnsweep.report.render import Document
 from bnsweep.report.results import LR, METRICS, CellResult, Comparison, Layout
-from bnsweep.report.stats import Interval, format_interval, mean_ci
+from bnsweep.stats import Interval, Test, fit_digits, mean_ci
 from bnsweep.sweep import table
+from bnsweep.sweep.basin import EDGE_OPEN
 
 # ---------------------------------------------------------------------- sentences
 
@@ -25,27 +25,34 @@ KEYS_VS_BASE = ("best_val_acc", "epochs_to_converge", "s_per_epoch", "time_to_ta
 KEYS_BETWEEN = ("best_val_acc", "epochs_to_converge", "basin")
 
 
-def resolvable(iv: Interval, fmt: str = "{:.4f}") -> str:
+SCALES = {"best_val_acc": (100.0, " pp"), "test_acc": (100.0, " pp"), "epochs_to_converge": (1.0, " epochs"),
+          "s_per_epoch": (1.0, " s"), "time_to_target": (1.0, " s"), "basin": (1.0, " dec.")}
+
+
+def resolvable(iv: Interval, key: str) -> str:
     """The power statement of an unresolved line: the half-width, below which differences stay unseen."""
     if not math.isfinite(iv.half_width):
         return ""
-    if iv.half_width == 0:  # e.g. epochs to target equal on every seed: a measured zero, not a lack of power
-        return f"; the difference is exactly {fmt.format(iv.estimate)} on every one of the {iv.n} seeds"
-    by = "with this LR grid" if iv.kind == "bracket" else "with these seeds"
-    return f"; differences smaller than ±{fmt.replace('+', '').format(iv.half_width)} cannot be told apart {by}"
+    scale, unit = SCALES[key]
+    if iv.half_width == 0:  # e.g. a basin wider by one step on every seed: a measured value, but no spread
+        return f"; the difference is {fit_digits(iv, scale, unit=unit)} seeds, too few for an exact test"
+    return f"; differences smaller than ±{iv.half_width * scale:.2g}{unit} cannot be told apart with these seeds"
 
 
-def verdict(key: str, iv: Interval, a: str, b: str, target: float, fmt: str = "{:.4f}") -> str:
-    """The conclusion the interval supports, or 'not resolved', why, and the smallest resolvable difference."""
-    if iv.sign == 0:
+def verdict(key: str, test: Test, decided: str, a: str, b: str, target: float) -> str:
+    """The conclusion the (Holm-corrected) test supports, or 'not resolved', why, and the resolvable difference."""
+    iv = test.iv
+    if decided == "not_resolved":
         if iv.kind == EDGE_OPEN:
             return "not resolved: edge open (a basin edge lies at a search limit: its width is only a bound)"
         if key == "basin" and math.isnan(iv.estimate):
             return f"not resolved (no LR-search trial of one of the cells reached {target:g}: it has no basin)"
-        if math.isnan(iv.estimate) or (iv.kind.endswith("CI") and iv.n < 2):
+        if key == "basin" and iv.n < 2:
+            return "not resolved (fewer than 2 LR-search seeds closed both edges: a bracket is no verdict)"
+        if math.isnan(iv.estimate) or iv.n < 2:
             return "not resolved (fewer than 2 paired seeds: the sweep has no repeats yet (sweep.repeats))"
-        return f"not resolved (the {'bracket' if iv.kind == 'bracket' else 'CI'} includes 0{resolvable(iv, fmt)})"
-    up = iv.sign > 0
+        return f"not resolved (p = {test.p:.2g} before Holm's correction{resolvable(iv, key)})"
+    up = decided == "greater"
     return {
         "best_val_acc": f"{a} is {'more' if up else 'less'} accurate than {b}",
         "test_acc": f"{a} is {'more' if up else 'less'} accurate on test than {b}",
@@ -62,28 +69,66 @@ def never_converged(comp: Comparison) -> bool:
 
 def line_verdict(comp: Comparison, key: str, target: float) -> tuple[str, str]:
     """(greater | less | not_resolved, the words) of one comparison line: what report.md and answers.csv say."""
-    iv = comp.deltas[key]
-    fmt = next(f for k, _, f in METRICS if k == key)
-    if key in ("epochs_to_converge", "time_to_target") and never_converged(comp) and iv.n:
+    if key in ("epochs_to_converge", "time_to_target") and never_converged(comp) and comp.tests[key].iv.n == 0:
         return "not_resolved", f"not resolved (no repeat of either cell reached {target:g} within the budget)"
-    return iv.verdict, verdict(key, iv, comp.a_label, comp.b_label, target, fmt)
+    decided = comp.verdicts.get(key, "not_resolved")
+    return decided, verdict(key, comp.tests[key], decided, comp.a_label, comp.b_label, target)
+
+
+def effect(comp: Comparison, key: str) -> str:
+    """The difference with the digits its interval supports, the test and its corrected p."""
+    t = comp.tests[key]
+    scale, unit = SCALES[key]
+    text = fit_digits(t.iv, scale, unit=unit)
+    if text == "-":
+        return text
+    extra = f"; {t.note}" if t.note else ""
+    p = comp.p_adjusted.get(key, math.nan)
+    return f"{text}, n={t.iv.n} ({t.method}{extra}; Holm p = {p:.2g})"
 
 
 def sentences(comp: Comparison, target: float, keys: Sequence[str]) -> list[str]:
     out = []
-    for key, label, fmt in METRICS:
+    for key, label, _ in METRICS:
         if key in keys:
-            iv = comp.deltas[key]
-            say = line_verdict(comp, key, target)[1]
-            text = format_interval(iv, fmt, "{est} [{low}, {high}] ({what})", "{est} (n={n}, no interval)")
-            out.append(f"{label}: {text} → **{say}**")
-    e, t = comp.deltas["epochs_to_converge"].sign, comp.deltas["time_to_target"].sign
-    if e < 0 and t >= 0:
+            out.append(f"{label}: {effect(comp, key)} → **{line_verdict(comp, key, target)[1]}**")
+    e, t = comp.verdicts.get("epochs_to_converge"), comp.verdicts.get("time_to_target")
+    if e == "less" and t != "less":
         out.append(f"*{comp.a_label} is faster in epochs, not in time* (seed 001's observation)")
     return out
 
 
 # ---------------------------------------------------------------------- the document
+
+
+CAPTIONS = {
+    "verdicts": "Verdict matrix: each comparison line (first minus second) by metric, after Holm's correction. "
+                "Green: first is better (more accurate, fewer epochs, faster, wider basin); red: worse; gray: not "
+                "resolved. 'better' reads each metric the way a researcher wants it.",
+    "effects": "Paired differences (first minus second cell) with 95% CIs; the LR basin's over its seeds (a "
+               "single seed's bracket dotted). Blue: resolved after Holm's correction; gray: not resolved.",
+}
+
+
+def captions_for(target: float) -> dict[str, str]:
+    """The other figures' captions (those that name the target)."""
+    return {
+        "heatmap": "Best val accuracy and the test accuracy of that trial, per cell (LR search).",
+        "lr_curves": f"LR-accuracy curves: best val acc of every LR-search trial (o complete, v pruned, x diverged),"
+                     f" repeats as black dots, target {target:g} dashed, the LR basin shaded green.",
+        "learning_curves": "Learning curves at each cell's best LR: val acc per epoch; thin: each repeat, "
+                           "bold: their mean.",
+        "epochs_time": "Epochs to target, seconds per epoch and time to target (their product): mean and 95% CI "
+                       "of the repeats. BN often wins in epochs and loses part of it per epoch.",
+        "importance": "Optuna parameter importance of the grid keys and the LR for best val acc, over all cells' "
+                      "LR-search trials.",
+        "slice": "Optuna slice plot: best val acc of every LR-search trial against each key.",
+        "diag_preact": "Input of each hidden layer's activation (15th-85th percentile band, median line) over "
+                       "training steps, at the best LR: the 'internal covariate shift' view. Sigmoid saturates "
+                       "where |input| > ~4.",
+        "diag_grad": "L2 norm of each layer's weight gradient over training steps (log scale): the "
+                     "vanishing-gradient view.",
+    }
 
 
 def _num(v: float, fmt: str = "{:.4f}") -> str:
@@ -120,11 +165,22 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         f"MLflow: {link}",
     ])
 
+    doc.heading("At a glance")
+    doc.para("Where BN helps, hurts or is unresolved: every comparison line below (rows) by metric (columns), "
+             "coloured by its verdict after Holm's correction (green: first is better, red: worse, gray: not "
+             "resolved), then each difference with its 95% interval.")
+    for key in ("verdicts", "effects"):
+        if key in figs:
+            doc.figure(figs[key], CAPTIONS[key])
+
     doc.heading("Answers")
-    doc.para(f"Each line compares two cells of the same group at their own best learning rates: a difference "
-             f"(first minus second) with its 95% CI over {repeats} paired seeds, or, for the LR basin, its 95% CI "
-             f"over the search's seeds (with one seed: the bracket the LR grid allows). A conclusion is stated only "
-             f"where the interval excludes 0.")
+    doc.para(f"Each line compares two cells of the same group at their own best learning rates, paired by seed "
+             f"over {repeats} repeats: accuracies and s/epoch with a paired t-test; epochs and time to target, "
+             f"censored for a run that never got there, with a paired sign test on the orderings censoring allows "
+             f"(their interval is over the pairs where both got there); the LR basin over the search's seeds that "
+             f"closed both edges, with an exact sign-flip test (it lies on a lattice; one seed decides nothing). "
+             f"A conclusion is stated only where the p-value, Holm-corrected over every line of the same metric, "
+             f"is below 0.05.")
     for g in layout.groups:
         comps = [c for c in vs_base if c.group == g]
         others = [c for c in between if c.group == g]
@@ -141,47 +197,39 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
         doc.para("The grid has a single value per key, so there is nothing to compare.")
 
     doc.heading("Repeats at each cell's best learning rate")
-    doc.para(f"Mean and 95% CI (t-distribution) over the repeats; epochs to target counts a run that never got "
-             f"there as budget + 1 ({attrs['epochs'] + 1}), so such means are lower bounds.")
+    doc.para("Mean and 95% CI (t-distribution) over the repeats, with the digits the interval supports; epochs "
+             "and time to target over the repeats that got there, with how many did (a run that never got there "
+             "is censored, never averaged).")
     rows = []
     for c in cells:
-        def ci(key: str, fmt: str, c: CellResult = c) -> str:
-            return format_interval(mean_ci(list(c.repeat_values(key).values())), fmt)
-        rows.append([c.name, _num(c.row["best_lr"], "{:.3g}"), str(len(c.repeats)), ci("best_val_acc", "{:.4f}"),
-                     ci("test_acc", "{:.4f}"), ci("epochs_to_converge", "{:.2f}"), ci("s_per_epoch", "{:.3f}"),
-                     ci("time_to_target", "{:.1f}"), c.basin.describe()])
-    doc.table(["cell", "best lr", "n", "val acc", "test acc", "epochs to target", "s/epoch", "time to target (s)",
-               "LR basin"], rows)
+        def ci(key: str, scale: float = 1.0, c: CellResult = c) -> str:
+            return fit_digits(mean_ci(list(c.repeat_values(key).values())), scale, signed=False)
+
+        def reached(key: str, c: CellResult = c) -> str:
+            got = [t.value(key) for t in c.repeats if t.metrics.get("converged")]
+            if not c.repeats:
+                return "-"
+            if not got:
+                return "never"
+            return f"{fit_digits(mean_ci(got), signed=False)} ({len(got)}/{len(c.repeats)})"
+        rows.append([c.name, _num(c.row["best_lr"], "{:.3g}"), str(len(c.repeats)), ci("best_val_acc", 100),
+                     ci("test_acc", 100), reached("epochs_to_converge"), ci("s_per_epoch"),
+                     reached("time_to_target"), c.basin.describe()])
+    doc.table(["cell", "best lr", "n", "val acc %", "test acc %", "epochs to target (reached)", "s/epoch",
+               "time to target, s (reached)", "LR basin"], rows)
 
     doc.heading("All differences")
-    diff_rows = [[f"{c.group}: {c.a_label} − {c.b_label}", *[format_interval(c.deltas[k], fmt)
-                                                          for k, _, fmt in METRICS]]
-                 for c in [*vs_base, *between]]
+    diff_rows = [[f"{c.group}: {c.a_label} − {c.b_label}",
+                  *[fit_digits(c.deltas[k], SCALES[k][0]) for k, _, _ in METRICS]] for c in [*vs_base, *between]]
     if diff_rows:
-        doc.table(["comparison", *[f"Δ {label}" for _, label, _ in METRICS]], diff_rows)
+        doc.table(["comparison", *[f"Δ {label}{' (pp)' if SCALES[k][0] == 100 else ''}"
+                                   for k, label, _ in METRICS]], diff_rows)
 
     doc.heading("Figures")
-    captions = {
-        "heatmap": "Best val accuracy and the test accuracy of that trial, per cell (LR search).",
-        "effects": "Paired differences (first minus second cell) with 95% CIs; the LR basin with its bracket "
-                   "(dotted). Blue: the interval excludes 0; gray: not resolved.",
-        "lr_curves": f"LR-accuracy curves: best val acc of every LR-search trial (o complete, v pruned, x diverged),"
-                     f" repeats as black dots, target {target:g} dashed, the LR basin shaded green.",
-        "learning_curves": "Learning curves at each cell's best LR: val acc per epoch; thin: each repeat, "
-                           "bold: their mean.",
-        "epochs_time": "Epochs to target, seconds per epoch and time to target (their product): mean and 95% CI "
-                       "of the repeats. BN often wins in epochs and loses part of it per epoch.",
-        "importance": "Optuna parameter importance of the grid keys and the LR for best val acc, over all cells' "
-                      "LR-search trials.",
-        "slice": "Optuna slice plot: best val acc of every LR-search trial against each key.",
-        "diag_preact": "Input of each hidden layer's activation (15th-85th percentile band, median line) over "
-                       "training steps, at the best LR: the 'internal covariate shift' view. Sigmoid saturates "
-                       "where |input| > ~4.",
-        "diag_grad": "L2 norm of each layer's weight gradient over training steps (log scale): the "
-                     "vanishing-gradient view.",
-    }
+    captions = {**CAPTIONS, **captions_for(target)}
     for key, path in figs.items():
-        doc.figure(path, captions[key])
+        if key not in ("verdicts", "effects"):  # shown at the top
+            doc.figure(path, captions[key])
     for note in notes.values():
         doc.para(f"*{note}*")
 

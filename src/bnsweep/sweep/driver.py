@@ -33,26 +33,34 @@ from bnsweep.config import compose, instantiate
 from bnsweep.defaults import CONF_DIR, worker_count
 from bnsweep.errors import ConfigError, TrackingError, run_app
 from bnsweep.sweep import changes, files, table
-from bnsweep.sweep.definition import SweepSpec, parse
+from bnsweep.sweep.definition import SweepSpec, cell_labels, parse
 from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.lock import holding, lock_path, owner
 from bnsweep.sweep.slots import counts, live, recover_study, retried, trial_tags
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
 from bnsweep.tracking.dashboard import runs_table_url, set_view
 from bnsweep.tracking.runs import (
+    RUN_NAME_TAG,
     RunTracker,
     artifact_root,
+    cell_run_name,
     complete_trial_runs,
     get_or_create_experiment,
     mark_killed,
     quick_requests,
     summary_run,
+    trial_run_name,
 )
 from bnsweep.tracking.server import connect
 from bnsweep.tracking.system import system_metrics
 
 log = logging.getLogger("bnsweep.sweep")
 STOP_WAIT_S = 60  # a stopped driver waits this long for its workers to give their trials back
+
+
+def run_name(t: optuna.trial.FrozenTrial) -> str:
+    """A trial's MLflow run name, as its worker gave it (``trial_run_name``): a rebuilt run gets the same."""
+    return trial_run_name(t.params, t.user_attrs.get("seed"), t.user_attrs.get("repeat"), "retry_of" in t.user_attrs)
 
 
 @dataclass
@@ -114,7 +122,8 @@ class Sweep:
                     f"{self.storage_url}")
             parent = study.user_attrs.get("mlflow_parent_run_id")
             if parent is None:
-                run = self.client.create_run(self.experiment_id, run_name=cell.name, tags={
+                run = self.client.create_run(self.experiment_id, run_name=cell_run_name(
+                    cell_labels(cell.values).values()), tags={
                     "bnsweep.sweep": self.spec.name, "bnsweep.cell": cell.name, "bnsweep.role": "cell",
                     "optuna.study": study.study_name})
                 parent = run.info.run_id
@@ -152,7 +161,7 @@ class Sweep:
         for study in self.studies:
             parent = study.user_attrs["mlflow_parent_run_id"]
             gone = retried(trials := study.get_trials(deepcopy=False))
-            done = [(trial_tags(self.spec.name, study, t) | {"mlflow.parentRunId": parent},
+            done = [(trial_tags(self.spec.name, study, t) | {"mlflow.parentRunId": parent, RUN_NAME_TAG: run_name(t)},
                      {k: str(v) for k, v in t.params.items()}, t.user_attrs.get("metrics") or {}, "FINISHED")
                     for t in trials if live(t, gone) and t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                     and not t.user_attrs.get("skipped")]  # a skipped slot never trained: no run to complete

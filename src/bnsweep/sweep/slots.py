@@ -25,7 +25,7 @@ import optuna
 from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
-from bnsweep.sweep.basin import LR_KEY
+from bnsweep.sweep.basin import LR_KEY, is_repeat
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.search import SEED_INDEX, SKIPPED, BasinSearch
 from bnsweep.sweep.storage import heartbeat_enabled
@@ -42,11 +42,6 @@ def retried(trials: list[FrozenTrial]) -> set[int]:
 def live(t: FrozenTrial, gone: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
     """A trial that holds its slot: anything but a FAIL of a worker that died (``gone``: ``retried``)."""
     return not (t.state == TrialState.FAIL and (t.user_attrs.get("lost") or t.number in gone))
-
-
-def is_repeat(t: FrozenTrial) -> bool:
-    """A re-run of the cell's best LR with a fresh seed (slots n_trials..), not an LR-search trial."""
-    return "repeat" in t.user_attrs
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:

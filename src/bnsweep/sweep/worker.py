@@ -43,7 +43,7 @@ from bnsweep.sweep.heartbeat import Heartbeat, beating
 from bnsweep.sweep.search import SEED_INDEX, SEED_STRIDE
 from bnsweep.sweep.slots import best_trial, claim, counts, give_back, recover_lost, repeats_blocked, trial_tags
 from bnsweep.sweep.storage import heartbeat_enabled, open_storage, sweep_studies
-from bnsweep.tracking.runs import answers, get_or_create_experiment, mark_killed, quick_requests
+from bnsweep.tracking.runs import answers, get_or_create_experiment, mark_killed, quick_requests, trial_run_name
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.pruning import CheckPruning
 from bnsweep.training.run import RunResult, quiet_lightning, run_training
@@ -146,7 +146,9 @@ class Worker:
             trial.set_user_attr("seed", seed)
         for p in spec.params if not repeat else ():
             OmegaConf.update(cfg, p.key, p.suggest(trial), merge=False)
-        OmegaConf.update(cfg, "tracking.run_name", f"trial {trial.number}", merge=False)
+        OmegaConf.update(cfg, "tracking.run_name", trial_run_name(
+            {p.key: OmegaConf.select(cfg, p.key) for p in spec.params}, int(cfg.seed), repeat,
+            "retry_of" in trial.user_attrs), merge=False)
         return cfg
 
     def tags(self, study: optuna.Study, trial: optuna.Trial) -> dict[str, str]:

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -265,15 +265,45 @@ def quick_requests() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
 
 
+# ---------------------------------------------------------------------- run names
+# Short and distinct where they are listed together: a sweep's cell runs by their grid values, a cell's trial
+# runs (nested under it) by what they trained with. The trial's own number is in its tags (optuna.trial).
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def cell_run_name(labels: Iterable[str]) -> str:
+    """A cell's parent run: its grid values' labels joined by ' · ' ('before_act · relu'); 'all' without a grid."""
+    return " · ".join(str(v) for v in labels) or "all"
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def trial_run_name(params: Mapping[str, Any], seed: int | None = None, repeat: int | None = None,
+                   retry: bool = False) -> str:
+    """A trial's run: its searched parameters by the last part of their keys and its training seed,
+    'lr 0.0316 · seed 1003'; a repeat at the best LR 'repeat 3 · lr 0.1 · seed 3'; a retry of a lost
+    trial ends with ' · retry' (the lost one's run keeps the name without it)."""
+    parts = [f"repeat {repeat}"] if repeat else []
+    parts += [f"{k.rsplit('.', 1)[-1]} {_param_text(v)}" for k, v in params.items()]
+    parts += [f"seed {seed}"] if seed is not None else []
+    parts += ["retry"] if retry else []
+    return " · ".join(parts) or "trial"
+
+
 def complete_trial_runs(client: MlflowClient, experiment_id: str, study_name: str,
                         trials: list[tuple[Mapping[str, str], Mapping[str, Any], Mapping[str, float], str]]) -> int:
     """Make each finished trial's MLflow run whole, idempotently: one run per trial, ended.
 
     ``trials``: (tags, params, final metrics, status) per finished trial, its tags naming it by
-    ``optuna.trial_id``. A trial whose run was never created (MLflow away) gets one rebuilt from the
-    storage (tag ``bnsweep.rebuilt``: final metrics only, no per-epoch history or artifacts); one left
-    RUNNING (MLflow went away before the end) gets its final metrics and is ended; duplicates (a
-    create_run retried after a lost answer) are deleted. Returns the runs changed.
+    ``optuna.trial_id`` (its run's name by ``mlflow.runName``: ``trial_run_name``). A trial whose run was
+    never created (MLflow away) gets one rebuilt from the storage (tag ``bnsweep.rebuilt``: final metrics
+    only, no per-epoch history or artifacts); one left RUNNING (MLflow went away before the end) gets its
+    final metrics and is ended; duplicates (a create_run retried after a lost answer) are deleted. Returns
+    the runs changed.
     """
     runs: dict[str, list] = {}
     for run in client.search_runs([experiment_id], f"tags.`optuna.study` = '{study_name}' and "
@@ -291,8 +321,9 @@ def complete_trial_runs(client: MlflowClient, experiment_id: str, study_name: st
         if mine:
             run_id = mine[0].info.run_id
         else:
-            run_id = client.create_run(experiment_id, run_name=f"trial {tags.get('optuna.trial', '')}",
-                                       tags={**tags, "bnsweep.rebuilt": "true"}).info.run_id
+            name = tags.get(RUN_NAME_TAG) or f"trial {tags.get('optuna.trial', '')}"  # a rebuilt run: the same name
+            run_id = client.create_run(experiment_id, run_name=name, tags={
+                **{k: v for k, v in tags.items() if k != RUN_NAME_TAG}, "bnsweep.rebuilt": "true"}).info.run_id
         tracker = RunTracker.for_run(client, run_id)
         tracker.log(metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                     params=params if not mine else None)

@@ -35,6 +35,8 @@ def validate(cfg: DictConfig) -> None:
     check_range("train.target_acc", cfg.train.target_acc, 0, 1, low_open=True)
     check_range("train.max_loss", cfg.train.max_loss, 0, low_open=True)
     check_val_every(cfg.train.get("val_every"))
+    if cfg.train.get("train_eval_size") is not None:  # null, like 0: no train_acc_eval
+        check_int("train.train_eval_size", cfg.train.train_eval_size, 0)
     for size in cfg.train.get("eval_batch_sizes") or ():
         check_int("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
@@ -45,7 +47,8 @@ def validate(cfg: DictConfig) -> None:
 # unchanged, and a float batch size or a truthy "no" would fail late or silently do the wrong thing.
 INT_KEYS = ("seed", "train.diagnostics_every", "data.batch_size", "data.eval_batch_size", "data.val_size",
             "data.chunk_steps", "trainer.max_epochs")
-BOOL_KEYS = ("train.precise_bn", "train.diagnostics", "data.standardize", "model.bn.input", "tracking.log_model",
+BOOL_KEYS = ("train.precise_bn", "train.diagnostics", "data.standardize", "model.bn.input", "model.bn.affine",
+             "model.bn.keep_bias", "tracking.log_model",
              "optimizer.nesterov")
 
 

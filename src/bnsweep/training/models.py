@@ -3,7 +3,9 @@
 A hidden block is ``layer -> [BN] -> activation -> [BN]``: ``before_act`` normalizes the
 pre-activation (Ioffe & Szegedy), ``after_act`` the activation (the seeds' Keras code).
 ``bn.input`` adds BN on the raw input. A Linear/Conv directly followed by BN has no bias:
-BN subtracts the mean, so the bias would be dead weight and BN's beta takes its place.
+BN subtracts the mean, so the bias would be dead weight and BN's beta takes its place
+(``bn.keep_bias=true`` keeps it anyway, to measure that claim). ``bn.affine=false`` builds every BN
+without its learned gamma/beta (pure normalization), to measure what they add.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnsweep.errors import ConfigError, check_choice, check_range
+from bnsweep.errors import ConfigError, check_bool, check_choice, check_range
 
 PLACEMENTS = ("none", "before_act", "after_act")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -29,7 +31,8 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "lecun_normal", "normal",
          "torch_default")
-BN_DEFAULTS = {"placement": "none", "input": False, "momentum": 0.01, "eps": 1e-3}
+BN_DEFAULTS = {"placement": "none", "input": False, "momentum": 0.01, "eps": 1e-3, "affine": True,
+               "keep_bias": False}
 
 
 def init_std(init: str, fan_in: int, fan_out: int, std: float = 0.05) -> float:
@@ -83,6 +86,8 @@ class BNNet(nn.Sequential):
         self.placement = check_choice("model.bn.placement", self.bn_cfg["placement"], PLACEMENTS)
         check_range("model.bn.momentum", self.bn_cfg["momentum"], 0, 1, low_open=True)
         check_range("model.bn.eps", self.bn_cfg["eps"], 0, low_open=True)
+        for key in ("affine", "keep_bias"):
+            check_bool(f"model.bn.{key}", self.bn_cfg[key])
         self.activation = check_choice("model.activation", activation, ACTIVATIONS)
         self.init = check_choice("model.init", init, INITS)
         self.output_init = check_choice("model.output_init", output_init, INITS)
@@ -90,7 +95,7 @@ class BNNet(nn.Sequential):
         self.act_args = act_args
 
     def _bn(self, kind: type[nn.Module], width: int) -> nn.Module:
-        return kind(width, eps=self.bn_cfg["eps"], momentum=self.bn_cfg["momentum"])
+        return kind(width, eps=self.bn_cfg["eps"], momentum=self.bn_cfg["momentum"], affine=self.bn_cfg["affine"])
 
     def _block(self, tag: str, layer: nn.Module, width: int, bn_kind: type[nn.Module]) -> None:
         self.add_module(f"{tag}", layer)
@@ -107,7 +112,8 @@ class BNNet(nn.Sequential):
 
     @property
     def hidden_bias(self) -> bool:
-        return self.placement != "before_act"
+        """Whether hidden Linear/Conv layers have a bias: not where BN follows, unless ``bn.keep_bias``."""
+        return self.placement != "before_act" or self.bn_cfg["keep_bias"]
 
 
 class MLP(BNNet):

@@ -3,7 +3,8 @@
 Logs the flattened config as params (and ``val_every``), every validation check's val_acc, val_loss
 and val_epoch (fractional epochs: samples seen / training images) and each epoch's train_loss,
 train_acc and epoch_time_s, all at step = optimizer steps so far; the final metrics (test_acc,
-test_loss, best_val_acc, runtime_s, epochs_to_converge, steps_to_converge, converged), tags
+test_loss, train_acc_eval and train_loss_eval: eval mode on the first ``train.train_eval_size`` training
+images, best_val_acc, runtime_s, epochs_to_converge, steps_to_converge, converged), tags
 (git commit, data source, torch version, device) and artifacts (config.yaml, model_summary.txt, and
 model.pt: the trained weights, see checkpoint.py). ``main`` is the ``bnsweep train`` command.
 """
@@ -166,10 +167,34 @@ def final_metrics(cfg: DictConfig, history: list[dict[str, float]], checks: list
     return final
 
 
+def train_eval_size(cfg: DictConfig, dm: InMemoryDataModule) -> int:
+    """How many training images ``train_acc_eval`` measures: the first ``train.train_eval_size`` (0: none)."""
+    return min(int(cfg.train.get("train_eval_size", 5000) or 0), len(dm.tensors["train_x"]))
+
+
+def train_eval_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
+                       measured: tuple[float, float] | None = None) -> dict[str, float]:
+    """Loss and accuracy in eval mode (BN running statistics) on a fixed training subset: the train side of a
+    train-test gap without BN's batch noise (``train_acc`` is the epoch's running train-mode accuracy).
+
+    ``measured``: (loss, accuracy) on that subset, when measured already (a population, all members at once).
+    """
+    n = train_eval_size(cfg, dm)
+    if n == 0:
+        return {}
+    if measured is None:
+        t = dm.tensors
+        measured = bn_eval.loss_and_accuracy(model, t["train_x"][:n], t["train_y"][:n], dm.eval_batch_size)
+    return {"train_loss_eval": measured[0], "train_acc_eval": measured[1]}
+
+
 def test_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule, test_loss: float,
-                 test_acc: float, precise: tuple[float, float] | None = None) -> dict[str, float]:
-    """A completed run's test metrics: running averages, then population and small-batch statistics."""
-    return {"test_acc": test_acc, "test_loss": test_loss, **inference_metrics(cfg, model, dm, test_acc, precise)}
+                 test_acc: float, precise: tuple[float, float] | None = None,
+                 train_eval: tuple[float, float] | None = None) -> dict[str, float]:
+    """A completed run's test metrics: running averages, then population and small-batch statistics; and the
+    eval-mode accuracy on a fixed training subset (``train_eval``: measured already)."""
+    return {"test_acc": test_acc, "test_loss": test_loss, **inference_metrics(cfg, model, dm, test_acc, precise),
+            **train_eval_metrics(cfg, model, dm, train_eval)}
 
 
 def close_tracker(tracker: RunTracker, cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule,
