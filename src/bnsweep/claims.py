@@ -4,8 +4,9 @@ The sweeps are conf/sweep/claims_*.yaml (report/registry.py says which settings 
 through the sweep driver as ``bnsweep sweep`` would, so it is resumable: finished trials are never re-run,
 and a second call only re-reads them. Latency (seed 002's inference claims) is measured here, on the
 architectures themselves. Every claim is then measured (report/verdicts.py) and written to
-``<out_dir>/claims/claims.{md,html,csv}`` and ``claims_summary.csv``; each sweep with a BN grid also gets its
-own report (``<out_dir>/<sweep>/``). Lives above the stages: it drives sweeps and reads their results.
+``<out_dir>/claims/claims.{md,html,csv}`` and ``claims_summary.csv``; with ``reports=true`` each sweep with a
+BN grid also gets its own report (``<out_dir>/<sweep>/``; else ``bnsweep report sweep=<sweep>`` makes it).
+Lives above the stages: it drives sweeps and reads their results.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from bnsweep.config import compose
 from bnsweep.errors import ConfigError
 from bnsweep.report.results import CellResult, TrialResult
 
-OWN_KEYS = ("out_dir", "only", "latency_rounds")  # the command's own keys; every other key=value goes to each sweep
+OWN_KEYS = ("out_dir", "only", "latency_rounds", "reports")  # the command's own; other key=value go to each sweep
 
 
 def split_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -29,7 +30,8 @@ def split_args(args: Sequence[str]) -> tuple[dict[str, str], list[str]]:
         key, eq, value = a.partition("=")
         if not eq:
             raise ConfigError(f"{a}: not a key=value override; bnsweep claims takes the sweep's overrides "
-                              f"(workers=2, tracking.uri=...) and out_dir=, only=<sweep>[,<sweep>], latency_rounds=")
+                              "(workers=2, tracking.uri=...) and out_dir=, only=<sweep>[,<sweep>], latency_rounds=, "
+                              "reports=true")
         (own.__setitem__(key, value) if key in OWN_KEYS else rest.append(a))
     return own, rest
 
@@ -94,7 +96,8 @@ def run_claims(args: Sequence[str]) -> Path:
     unknown = [n for n in names if n not in SWEEPS]
     if unknown:
         raise ConfigError(f"only={own['only']}: choose among {', '.join(SWEEPS)}")
-    rounds = int(own.get("latency_rounds", 8))
+    rounds = int(own.get("latency_rounds", 6))
+    reports = own.get("reports", "false").lower() in ("true", "1", "yes")
     out_dir = Path(own.get("out_dir", "reports"))
     start = time.perf_counter()
     studies = {}
@@ -106,7 +109,7 @@ def run_claims(args: Sequence[str]) -> Path:
         url = cfg.storage or default_storage(Path(cfg.tracking.store_dir).resolve(), name)
         _, cells, _, _ = collect(name, url, cfg.tracking, diagnostics_of=wanted)
         studies[name] = Study(cells)
-        if any("placement" in c.labels for c in cells):  # a BN grid: the sweep's own report reads well
+        if reports and any("placement" in c.labels for c in cells):  # a BN grid: its own report reads well
             report_cfg = compose("report", [f"sweep={name}", f"out_dir={out_dir}",
                                             *[o for o in overrides if o.startswith(("tracking.", "storage="))]])
             make_report(report_cfg)
@@ -122,7 +125,8 @@ def run_claims(args: Sequence[str]) -> Path:
 
 
 def main(args: Sequence[str]) -> None:
-    """``bnsweep claims [workers=2] [tracking.uri=...] [out_dir=reports] [only=claims_act] [latency_rounds=8]``."""
+    """``bnsweep claims [workers=2] [tracking.uri=...] [out_dir=reports] [only=claims_act] [latency_rounds=6]
+    [reports=true]``."""
     from bnsweep.errors import run_app
 
     run_app(run_claims, list(args))

@@ -11,7 +11,7 @@ import math
 import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class TrialResult:
     run_id: str | None
     repeat: int | None = None  # k of a repeat (seed + k at the best LR); None for an LR-search trial
     seed: int | None = None  # the training seed: what paired comparisons pair on
+    population: int = 1  # trained as one of K stacked members (s/epoch is its share): compare time at equal K
     val_acc: list[float] = field(default_factory=list)  # per validation; fetched for best trials and repeats
     val_epoch: list[float] = field(default_factory=list)  # the (fractional) epoch of each val_acc, when logged
     diagnostics: list[dict[str, Any]] | None = None  # repeats: diagnostics.csv rows, when the sweep logged them
@@ -63,7 +64,7 @@ class TrialResult:
         state = "diverged" if t.user_attrs.get("diverged") else t.state.name.lower().replace("fail", "failed")
         return cls(t.number, float(t.params.get(LR, math.nan)), state, dict(t.user_attrs.get("metrics") or {}),
                    (t.user_attrs.get("run") or {}).get("mlflow_run_id"), t.user_attrs.get("repeat"),
-                   t.user_attrs.get("seed"))
+                   t.user_attrs.get("seed"), int(t.user_attrs.get("population", 1)))
 
     def value(self, key: str) -> float:
         if key == "time_to_target":  # of a censored run (converged 0): only a bound; report.results.compare knows
@@ -244,6 +245,7 @@ class Layout:
 
 
 CENSORED = ("epochs_to_converge", "time_to_target")  # unknown (censored) for a run that never reached the target
+TIMED = ("s_per_epoch", "time_to_target")  # a population member's time is its share of K stacked networks
 
 
 def _censored(c: CellResult, key: str) -> dict[int, tuple[float, bool]]:
@@ -266,12 +268,22 @@ def compare(a: CellResult, b: CellResult, key: str) -> Test:
             iv = basin_diff(a.basin, b.basin)
             return Test(iv, 1.0, 1.0, "bracket (fewer than 2 seeds closed both edges)")
         return superiority(diffs, +1, lattice=max(a.resolution, b.resolution) or 0.25)
+    same_k = set(_population(a)) if key in TIMED else None  # time: only pairs trained at the same population size
     if key in CENSORED:
         ca, cb = _censored(a, key), _censored(b, key)
-        common = sorted(set(ca) & set(cb))
+        common = sorted(k for k in set(ca) & set(cb) if same_k is None or _population(a)[k] == _population(b)[k])
         return censored_pairs([ca[k] for k in common], [cb[k] for k in common], +1)
     va, vb = a.repeat_values(key), b.repeat_values(key)
-    return superiority([va[k] - vb[k] for k in va if k in vb], +1)
+    pairs = [k for k in va if k in vb and (same_k is None or _population(a)[k] == _population(b).get(k))]
+    test = superiority([va[k] - vb[k] for k in pairs], +1)
+    dropped = sum(k in vb for k in va) - len(pairs)
+    if dropped:
+        test = replace(test, note=f"{dropped} pair(s) left out: trained at different population sizes")
+    return test
+
+
+def _population(c: CellResult) -> dict[int, int]:
+    return {t.repeat: t.population for t in c.repeats}
 
 
 @dataclass

@@ -193,6 +193,9 @@ def measure(claim: Claim, s: Setting, studies: Mapping[str, Study],
         vals = [arm_values(c, s, claim.metric) for c in cells]
         resolution = max((c.resolution for c in cells), default=0.0) if claim.metric in LATTICE else 0.0
     seeds = sorted(set.intersection(*(set(v) for v in vals)))
+    if claim.metric == "s_per_epoch":  # a population member's time is its share: compare at equal K only
+        pops = [{k: t.population for k, t in samples(c, s).items()} for c in cells]
+        seeds = [k for k in seeds if len({p.get(k) for p in pops}) == 1]
     if claim.metric == "epochs_to_converge":
         a, b = [vals[0][k] for k in seeds], [vals[1][k] for k in seeds]
         check = _check_spacing(studies, s)
@@ -270,6 +273,8 @@ def effect_text(r: Row) -> str:
 def arm_text(metric: str, v: float) -> str:
     if not math.isfinite(v):
         return "-"
+    if metric == "basin_upper":  # log10 of the upper edge's LR: say the rate
+        return f"lr {10 ** v:.2g}"
     if metric in RATIO:
         return f"{v:.3g} {'ms' if metric == 'latency' else 's'}"
     scale, unit = SCALE.get(metric, (1.0, UNITS.get(metric, "")))

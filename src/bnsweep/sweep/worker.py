@@ -208,6 +208,8 @@ class Worker:
         """Several trials of one cell as one population (see population/loop.py); each ends as its own trial."""
         before = len(self.trackers)
         trials, cfgs = [t for t, _ in members], [c for _, c in members]
+        for t in trials:  # a member's s/epoch is its share of the population's time: comparable at equal K only
+            t.set_user_attr("population", len(trials))
         try:
             with contextlib.ExitStack() as beats:
                 for t in trials:
