@@ -30,17 +30,24 @@ def test_population_section_runs_auto_against_fixed_k() -> None:
     assert re.search(r"K=1 .* of matmul peak \(floor [0-9.]+ s\)", out.stdout)
 
 
-@pytest.mark.parametrize("keras", ["unset", "broken"])
-def test_peers_section_prints_both_peers_and_our_ratio(keras: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The canonical Lightning loop and the Optuna + MLflow study really run; the Keras peer says why it was skipped."""
-    monkeypatch.delenv("BNSWEEP_KERAS_PYTHON", raising=False)
+def test_peers_section_prints_both_peers_and_our_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The canonical Lightning loop and the Optuna + MLflow study really run; the Keras peer says why it was skipped:
+    here a Python without TensorFlow, so the Keras run fails and says so while the rest still runs."""
     monkeypatch.delenv("BNSWEEP_KERAS_SKIP", raising=False)
-    if keras == "broken":  # a Python without TensorFlow: the Keras peer fails and says so, the rest still runs
-        monkeypatch.setenv("BNSWEEP_KERAS_PYTHON", sys.executable)
+    monkeypatch.setenv("BNSWEEP_KERAS_PYTHON", sys.executable)
     out = bench("--only", "peers")
     assert out.returncode == 0, out.stderr[-3000:]
     assert ratio(out.stdout, "ratio bnsweep / canonical Lightning") > 0
     assert ratio(out.stdout, "ratio bnsweep / Optuna+Lightning+MLflow") > 0
     assert re.search(r"Optuna study.optimize\(n_jobs=2\) \+ MLflow fluent\s+\d+ trials/hour", out.stdout)
-    skipped = "run `make bench-peers`" if keras == "unset" else "the Keras run failed"
-    assert f"seeds' Keras code: skipped ({skipped}" in out.stdout
+    assert "seeds' Keras code: skipped (the Keras run failed" in out.stdout
+
+
+def test_keras_peer_without_tensorflow_set_up_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnsweep.bench.peers import keras
+
+    monkeypatch.delenv("BNSWEEP_KERAS_PYTHON", raising=False)
+    monkeypatch.delenv("BNSWEEP_KERAS_SKIP", raising=False)
+    assert "run `make bench-peers`" in keras(1, 1000, "/nowhere")
+    monkeypatch.setenv("BNSWEEP_KERAS_SKIP", "TensorFlow could not be installed here")
+    assert keras(1, 1000, "/nowhere") == "TensorFlow could not be installed here"

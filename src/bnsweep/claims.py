@@ -16,10 +16,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bnsweep.config import compose
 from bnsweep.errors import ConfigError
-from bnsweep.report.results import CellResult, TrialResult
 
 OWN_KEYS = ("out_dir", "only", "latency_rounds", "reports")  # the command's own; other key=value go to each sweep
 
@@ -73,7 +73,7 @@ def measure_latency(rounds: int) -> dict[tuple[str, str, str], list[float]]:
     return out
 
 
-def wanted(cell: CellResult, trial: TrialResult) -> bool:
+def wanted(cell: Any, trial: Any) -> bool:
     """Whose diagnostics the claims read: repeats, trials at a shared (fixed) LR, every trial of a one-LR cell."""
     from bnsweep.report.registry import CLAIMS
 
@@ -84,18 +84,19 @@ def wanted(cell: CellResult, trial: TrialResult) -> bool:
 
 def run_claims(args: Sequence[str]) -> Path:
     """Run (or resume) each claims sweep, then measure every claim; returns the Claims report's folder."""
-    from bnsweep.report.build import collect, make_report
-    from bnsweep.report.claims_doc import write
     from bnsweep.report.registry import SWEEPS
-    from bnsweep.report.verdicts import Study, claim_rows
-    from bnsweep.sweep.driver import run as run_sweep
-    from bnsweep.sweep.storage import default_storage
 
     own, overrides = split_args(args)
     names = own["only"].split(",") if "only" in own else list(SWEEPS)
     unknown = [n for n in names if n not in SWEEPS]
-    if unknown:
+    if unknown:  # before the heavy imports: a typo costs a second, not ten
         raise ConfigError(f"only={own['only']}: choose among {', '.join(SWEEPS)}")
+    from bnsweep.report.build import collect, make_report
+    from bnsweep.report.claims_doc import write
+    from bnsweep.report.verdicts import Study, claim_rows
+    from bnsweep.sweep.driver import run as run_sweep
+    from bnsweep.sweep.storage import default_storage
+
     rounds = int(own.get("latency_rounds", 6))
     reports = own.get("reports", "false").lower() in ("true", "1", "yes")
     out_dir = Path(own.get("out_dir", "reports"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -91,4 +92,17 @@ def run_app(app: Callable[[Any], T], cfg: Any) -> T:
     try:
         return app(cfg)
     except BnsweepError as e:
+        stop_preloading()
         sys.exit(f"error: {redact(e)}")
+
+
+def stop_preloading() -> None:
+    """End a fork server still importing the sweep's workers (``sweep.launch_local.start_preloading``): after an
+    error nothing will use it, and it holds the command's output open until its ~8 s of imports are done."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)

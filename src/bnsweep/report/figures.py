@@ -267,7 +267,8 @@ def verdict_matrix(rows: Sequence[tuple[Comparison, Sequence[str]]], metrics: Se
     ``rows``: (comparison, the metrics its report line states); a metric it does not state stays blank.
     """
     colors = {"better": "#7fc97f", "worse": "#f0797a", "not_resolved": "#d9d9d9", "": "white"}
-    fig, ax = plt.subplots(figsize=(1.45 * len(metrics) + 3.2, 0.36 * len(rows) + 0.9), layout="constrained")
+    fig, ax = plt.subplots(figsize=(1.45 * len(metrics) + 3.2, max(0.36 * len(rows) + 0.9, 1.8)),
+                           layout="constrained")
     for y, (comp, keys) in enumerate(rows):
         for x, (key, _) in enumerate(metrics):
             v = comp.verdicts.get(key, "not_resolved") if key in keys else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bnsweep.config import compose
@@ -155,11 +155,13 @@ def _mean(vals: Sequence[float]) -> float:
 
 def run_test(claim: Claim, diffs: Sequence[float], lattice: float) -> Test:
     """The claim's test on paired differences; a ratio metric's margin (±5%) is taken in log space."""
-    margin = math.log(1 + claim.margin) if claim.metric in RATIO else claim.margin
+    if claim.metric in RATIO and claim.test != "superiority":  # a ratio within ±5%: log(1.05) on log ratios
+        t = run_test(replace(claim, metric="", margin=math.log(1 + claim.margin)), diffs, lattice)
+        return replace(t, method=t.method.replace(f"{math.log(1 + claim.margin):g}", f"{claim.margin:.0%} in ratio"))
     if claim.test == "non_inferiority":
-        return non_inferiority(diffs, margin)
+        return non_inferiority(diffs, claim.margin)
     if claim.test == "equivalence":
-        return equivalence(diffs, margin)
+        return equivalence(diffs, claim.margin)
     return superiority(diffs, claim.expect, lattice)
 
 
