@@ -1,6 +1,6 @@
 """Intervals for the report: t-based 95% CIs of means and paired differences, bracket differences.
 
-A report sentence states a conclusion only when its interval excludes 0 (``Interval.sign``).
+A verdict comes from a test's p-value (below), never from an interval alone.
 """
 
 from __future__ import annotations
@@ -25,43 +25,9 @@ class Interval:
     kind: str = "95% CI"
 
     @property
-    def sign(self) -> int:
-        """+1 / -1 when the whole interval is above / below 0, else 0 ("not resolved")."""
-        if (self.kind.endswith("CI") and self.n < 2) or self.kind == "edge open" or math.isnan(self.estimate):
-            return 0
-        if self.low > 0:
-            return 1
-        if self.high < 0:
-            return -1
-        return 0
-
-
-    @property
     def half_width(self) -> float:
         """Half the interval's width: differences smaller than this cannot be told from 0 with this data."""
         return (self.high - self.low) / 2 if not (math.isnan(self.low) or math.isnan(self.high)) else math.inf
-
-    @property
-    def verdict(self) -> str:
-        """``greater`` / ``less`` (the interval excludes 0 on that side) or ``not_resolved``."""
-        return {1: "greater", -1: "less", 0: "not_resolved"}[self.sign]
-
-
-def format_interval(iv: Interval, fmt: str = "{:.2f}", template: str = "{est} [{low}, {high}]",
-                    alone: str = "{est}") -> str:
-    """``iv`` as text: '-' without an estimate, ``alone`` without an interval (NaN low), else ``template``.
-
-    The templates' fields: ``est``, ``low``, ``high`` (each written with ``fmt``), ``n`` and ``what``
-    ("95% CI, n=<n>", else the kind: "bracket", "edge open"). (A basin bracket always has both ends where it
-    has an estimate.)
-    """
-    if math.isnan(iv.estimate):
-        return "-"
-    fields = {"est": fmt.format(iv.estimate), "n": iv.n,
-              "what": f"95% CI, n={iv.n}" if iv.kind.endswith("CI") else iv.kind}
-    if math.isnan(iv.low):
-        return alone.format(**fields)
-    return template.format(low=fmt.format(iv.low), high=fmt.format(iv.high), **fields)
 
 
 def decimals(half_width: float, scale: float = 1.0, least: int = 0, most: int = 6) -> int:
@@ -115,11 +81,6 @@ def paired_diff(a: Mapping[Hashable, float], b: Mapping[Hashable, float], level:
     return mean_ci([a[k] - b[k] for k in keys], level)
 
 
-def bracket_diff(a: Interval, b: Interval) -> Interval:
-    """a - b for brackets: every value the difference can take given both ranges."""
-    return Interval(a.estimate - b.estimate, a.low - b.high, a.high - b.low, min(a.n, b.n), "bracket")
-
-
 # ---------------------------------------------------------------------- tests behind a verdict
 # A verdict comes from a p-value (after the multiple-comparison correction), never from an interval alone:
 # continuous paired values get a t-test; values on a lattice (basin edges and widths in 0.25 decade) an exact
@@ -142,6 +103,7 @@ class Test:
     p_against: float
     method: str
     note: str = ""
+    pairs: int = 0  # pairs the test saw (censored ones too), where the interval covers fewer
 
     @property
     def p(self) -> float:
@@ -274,7 +236,7 @@ def censored_pairs(a: Sequence[tuple[float, bool]], b: Sequence[tuple[float, boo
     reached_a, reached_b = sum(r for _, r in a), sum(r for _, r in b)
     note = f"reached the target: {reached_a}/{len(a)} vs {reached_b}/{len(b)}"
     p_for, p_against = (p_up, p_down) if expect > 0 else (p_down, p_up)
-    return Test(iv, p_for, p_against, "paired sign test for censored values", note)
+    return Test(iv, p_for, p_against, "paired sign test for censored values", note, len(signs))
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:

@@ -289,6 +289,9 @@ def csv_row(r: Row) -> dict[str, Any]:
     conv = (lambda v: math.exp(v)) if ratio else (lambda v: v)  # noqa: E731
     p = (f"p={r.test.p:.3g}, Holm p={r.p_adjusted:.3g} ({r.test.method}" + (f"; {r.test.note}" if r.test.note else "")
          + "). ") if r.tested else ""
+    if r.tested and r.verdict == "not_resolved" and r.test.method.startswith(("exact", "paired sign")):
+        n = r.test.pairs or iv.n
+        p += f"With {n} pairs an exact test cannot give p below {2 / 2 ** n:.2g}. "
     return {"claim_id": r.claim.id, "claim": r.claim.claim, "seed": r.claim.seed, "protocol": r.setting.protocol,
             "setting": r.setting.name, "metric": r.claim.metric, "first": r.first, "second": r.second,
             "diff": conv(iv.estimate) if iv else math.nan, "lo": conv(iv.low) if iv else math.nan,
