@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +74,17 @@ def measure_latency(rounds: int) -> dict[tuple[str, str, str], list[float]]:
     return out
 
 
-def wanted(cell: Any, trial: Any) -> bool:
-    """Whose diagnostics the claims read: repeats, trials at a shared (fixed) LR, every trial of a one-LR cell."""
+@cache
+def fixed_lrs() -> frozenset[float]:
+    """The shared rates of the claims' fixed-LR settings."""
     from bnsweep.report.registry import CLAIMS
 
-    fixed = {s.lr for c in CLAIMS for s in c.settings if s.lr is not None}
-    return (trial.repeat is not None or any(math.isclose(trial.lr, lr, rel_tol=1e-6) for lr in fixed)
+    return frozenset(s.lr for c in CLAIMS for s in c.settings if s.lr is not None)
+
+
+def wanted(cell: Any, trial: Any) -> bool:
+    """Whose diagnostics the claims read: repeats, trials at a shared (fixed) LR, every trial of a one-LR cell."""
+    return (trial.repeat is not None or any(math.isclose(trial.lr, lr, rel_tol=1e-6) for lr in fixed_lrs())
             or len(cell.trials) <= 1)
 
 

@@ -268,13 +268,16 @@ def compare(a: CellResult, b: CellResult, key: str) -> Test:
             iv = basin_diff(a.basin, b.basin)
             return Test(iv, 1.0, 1.0, "bracket (fewer than 2 seeds closed both edges)")
         return superiority(diffs, +1, lattice=max(a.resolution, b.resolution) or 0.25)
-    same_k = set(_population(a)) if key in TIMED else None  # time: only pairs trained at the same population size
+    ka, kb = _population(a), _population(b)
+
+    def comparable(k: int) -> bool:  # time: only pairs trained at the same population size
+        return key not in TIMED or ka.get(k) == kb.get(k)
     if key in CENSORED:
         ca, cb = _censored(a, key), _censored(b, key)
-        common = sorted(k for k in set(ca) & set(cb) if same_k is None or _population(a)[k] == _population(b)[k])
+        common = sorted(k for k in set(ca) & set(cb) if comparable(k))
         return censored_pairs([ca[k] for k in common], [cb[k] for k in common], +1)
     va, vb = a.repeat_values(key), b.repeat_values(key)
-    pairs = [k for k in va if k in vb and (same_k is None or _population(a)[k] == _population(b).get(k))]
+    pairs = [k for k in va if k in vb and comparable(k)]
     test = superiority([va[k] - vb[k] for k in pairs], +1)
     dropped = sum(k in vb for k in va) - len(pairs)
     if dropped:
