@@ -87,14 +87,18 @@ class TrialResult:
 POINT_MEASURES = {"saturation": ("act_in", 1), "drift": ("linear_out", 2)}
 
 
+def layer_index(layer: str) -> int:
+    """The number in a layer's name (fc2 -> 2; out -> 0): hidden layers in order."""
+    return int("".join(ch for ch in layer if ch.isdigit()) or 0)
+
+
 def point_measure(rows: Sequence[dict[str, Any]], key: str) -> float:
     """``saturation`` or ``drift`` (see DERIVED) from diagnostics.csv rows; NaN where the point was not sampled."""
     point, first_layer = POINT_MEASURES[key]
     by_layer: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         layer = str(r["layer"])
-        index = int("".join(ch for ch in layer if ch.isdigit()) or 0)
-        if r.get("point", "act_in") == point and index >= first_layer and all(
+        if r.get("point", "act_in") == point and layer_index(layer) >= first_layer and all(
                 math.isfinite(float(r[k])) for k in ("p15", "p50", "p85")):
             by_layer.setdefault(layer, []).append(r)
     values = []

@@ -15,14 +15,23 @@ from typing import Any
 
 from bnsweep.config import compose
 from bnsweep.report.registry import CLAIMS, Arm, Claim, Setting
-from bnsweep.report.results import CellResult, TrialResult
+from bnsweep.report.results import POINT_MEASURES, CellResult, TrialResult, layer_index
 from bnsweep.report.seeds import SEED_VALUES
-from bnsweep.stats import Test, censored_pairs, decide, equivalence, fit_digits, holm, non_inferiority, superiority
+from bnsweep.stats import (
+    Interval,
+    Test,
+    censored_pairs,
+    decide,
+    equivalence,
+    fit_digits,
+    holm,
+    non_inferiority,
+    superiority,
+)
 
 LATTICE = {"basin_upper", "basin_width"}  # values on the LR search's lattice (its resolution, in decades)
 RATIO = {"s_per_epoch", "latency"}  # compared as log ratios, shown as ratios
-# metric -> (diagnostics point, first hidden layer): where the metric reads the network (training/diagnostics.py)
-POINTS = {"saturation": ("act_in", 1), "drift": ("linear_out", 2)}
+POINTS = POINT_MEASURES  # metric -> (diagnostics point, first hidden layer): where the metric reads the network
 SCALE = {"test_acc": (100.0, " pp"), "train_acc_eval": (100.0, " pp"), "train_test_gap": (100.0, " pp"),
          "precise_bn_gain": (100.0, " pp"), "saturation": (100.0, " pp")}
 UNITS = {"basin_upper": " dec.", "basin_width": " dec.", "epochs_to_converge": " epochs", "grad_ratio": " dec.",
@@ -108,7 +117,7 @@ def grad_ratio(t: TrialResult) -> float:
     for r in t.diagnostics or []:
         if r.get("point", "act_in") == "act_in" and math.isfinite(float(r["grad_norm"])):
             norms.setdefault(str(r["layer"]), []).append(float(r["grad_norm"]))
-    hidden = sorted((k for k in norms if k != "out"), key=lambda k: int("".join(c for c in k if c.isdigit()) or 0))
+    hidden = sorted((k for k in norms if k != "out"), key=layer_index)
     if not hidden or "out" not in norms:
         return math.nan
     first, out = (sum(norms[k]) / len(norms[k]) for k in (hidden[0], "out"))
@@ -256,8 +265,6 @@ def claim_rows(studies: Mapping[str, Study], claims: Sequence[Claim] = CLAIMS,
 
 def show(metric: str, iv_est: float, lo: float, hi: float, n: int) -> str:
     """The effect as a researcher reads it: pp for accuracies, x for ratios, with digits its interval allows."""
-    from bnsweep.stats import Interval
-
     iv = Interval(iv_est, lo, hi, n)
     if metric in RATIO:
         return fit_digits(Interval(math.exp(iv_est), math.exp(lo), math.exp(hi), n), signed=False, unit="x")

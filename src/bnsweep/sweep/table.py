@@ -4,7 +4,7 @@ the LR basin over its seeds.
 ``cell_row`` gives every column (``COLUMNS``): summary.csv has them all, the cell's MLflow parent run gets
 the numbers as metrics. ``formatted`` / ``to_markdown`` give the few the table printed at the end of
 ``bnsweep sweep`` shows (``TABLE``), each number with the digits its interval supports (``stats.fit_digits``).
-The LR basin is ``basin.study_basin``'s, over every basin seed, here as in the report.
+The LR basin is ``basin.cell_basin``'s (what ``study_basin`` computes), over every basin seed, here as in the report.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from bnsweep.stats import Interval, decimals, fit_digits, mean_ci
-from bnsweep.sweep.basin import LR_KEY, Basin, measured, search_limits, study_basin
+from bnsweep.sweep.basin import LR_KEY, Basin, cell_basin, measured, search_limits
 from bnsweep.sweep.definition import cell_labels
 from bnsweep.sweep.slots import best_trial, counts, is_repeat
 from bnsweep.tracking.runs import cell_run_name
@@ -112,7 +112,7 @@ def cell_row(study: optuna.Study, target_acc: float) -> dict[str, Any]:
     row["s_per_epoch"] = statistics.median(spe) if spe else math.nan
     low, high = search_limits(study.user_attrs)
     if low < high:  # a search over one fixed rate has no basin to bracket
-        row |= basin_row(study_basin(study, None, target_acc))
+        row |= basin_row(cell_basin(every, low, high, target_acc))  # the trials read above, not read again
     return {k: row.get(k, math.nan) for k in COLUMNS}
 
 
