@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
@@ -65,6 +64,11 @@ def canonical(norm: Mapping[str, Any] | None, bn: Mapping[str, Any] | None = Non
     return out
 
 
+def legacy(norm: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical settings in the old ``model.bn`` form: placement none when kind=none (for old readers)."""
+    return {**{k: norm[k] for k in LEGACY_KEYS}, "placement": "none" if norm["kind"] == "none" else norm["placement"]}
+
+
 def check_settings(norm: Mapping[str, Any]) -> None:
     """Each ``model.norm`` key within what it allows (model-independent rules)."""
     check_choice("model.norm.kind", norm["kind"], KINDS)
@@ -84,14 +88,6 @@ def check_settings(norm: Mapping[str, Any]) -> None:
                "it has no batch statistics to synchronize")
         raise ConfigError(f"model.norm.sync=true is not allowed with model.norm.kind={norm['kind']}: {why}; "
                           "sync applies to kind=batch under trainer=ddp")
-
-
-def check_batch_size(norm: Mapping[str, Any], batch_size: int) -> None:
-    """ghost_batch: the virtual batch must divide the training batch (else one ghost batch is short)."""
-    if norm["kind"] == "ghost_batch" and batch_size % norm["virtual_batch"]:
-        raise ConfigError(f"model.norm.virtual_batch={norm['virtual_batch']} does not divide "
-                          f"data.batch_size={batch_size}; allowed: a divisor of the batch size "
-                          f"(e.g. {_divisor_below(batch_size, norm['virtual_batch'])})")
 
 
 def _divisor_below(n: int, v: int) -> int:
