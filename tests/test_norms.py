@@ -197,9 +197,12 @@ def test_residual_mlp_folds_and_its_precise_statistics_match_the_layer_walk() ->
     assert not torch.equal(precise.res3.fc3_bn.running_mean, net.res3.fc3_bn.running_mean)
 
 
-@pytest.mark.parametrize(("model", "kind"), [(m, k) for m, k in MODEL_KINDS if m != "ResNet" and k != "none"])
+@pytest.mark.parametrize(("model", "kind"), [("MLP", "group"), ("CNN", "ghost_batch"), ("CNN", "batch_renorm"),
+                                           ("CNN", "layer")])
 def test_a_population_equals_its_members_for_every_kind(model: str, kind: str) -> None:
-    """Forward (training mode, 3 steps of running statistics) and eval: the stacked net equals each single model."""
+    """Forward (training mode, running statistics moving) and eval: the stacked net equals each single model.
+
+    The kinds test_population.py's real runs (CASES) do not cover; together every kind of MLP and CNN."""
     norm = {"input": kind != "group" or model == "MLP", "virtual_batch": 8, "warmup_steps": 2}
     models = [build(model, kind, seed=s, **norm) for s in range(2)]
     net = StackedNet(models)
