@@ -72,6 +72,7 @@ def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
     return model
 
 
+@torch.no_grad()
 def _precise_nested(model: nn.Module, train_x: torch.Tensor, chunk: int) -> nn.Module:
     """precise_bn for a network with BN inside blocks (residual MLP, ResNet): one eval-mode pass over the
     training set per BN, in network order, reading its input with a hook (earlier BNs already hold theirs)."""
