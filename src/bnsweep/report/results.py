@@ -220,7 +220,8 @@ class Layout:
         keys = list(cells[0].labels)
         values = {k: list(dict.fromkeys(c.labels[k] for c in cells)) for k in keys}
         short = short_keys(list(grid_keys))
-        bn = [short[k] for k in grid_keys if k == "model.bn" or k.startswith("model.bn.")]
+        bn = [short[k] for k in grid_keys
+              if k in ("model.bn", "model.norm") or k.startswith(("model.bn.", "model.norm."))]
         row = bn[0] if bn else keys[0]
         others = [k for k in keys if k != row]
         col = "activation" if "activation" in others else (others[0] if others else None)

@@ -258,7 +258,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     tracker = new_tracker(cfg, uri, parent_run_id, background_logging, tags) if track else None
     if tracker:
         all_callbacks.insert(0, CheckLogger(tracker))  # a check is logged even when a pruner stops the run there
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
+    # model.norm.sync: Lightning swaps every BatchNorm for SyncBatchNorm under DDP (checks.py allows it for kind=batch)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks, sync_batchnorm=model.norm_cfg["sync"])
     device = trainer.strategy.root_device
     model.to(device)
     counts = param_counts(model)
