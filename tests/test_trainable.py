@@ -51,19 +51,21 @@ def test_bad_scaling_or_trainable_is_one_error_line(override: str, line: str) ->
 
 
 def test_norm_only_without_a_norm_with_gamma_beta_says_why() -> None:
-    for override in ("model.bn.placement=none", "model.bn.affine=false"):
+    for override in ("model.norm.kind=none", "model.norm.affine=false"):
         with pytest.raises(ConfigError, match=r"^train.trainable=norm_only is not allowed with this model: it has "
                                               r"no normalization layer with γ/β"):
-            validate(make_cfg("train.trainable=norm_only", "model.bn.placement=before_act", override))
+            validate(make_cfg("train.trainable=norm_only", "model.norm.kind=batch", override))
+    validate(make_cfg("train.trainable=norm_only", "model.norm.kind=none", "model.norm.input=true"))  # input BN
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("mode", ["norm_only", "no_norm_affine"])
-def test_only_the_trainable_parameters_change_single_and_population(mode: str, dm, monkeypatch) -> None:
-    cfgs = [make_cfg(*SMALL, "model.bn.placement=before_act", f"train.trainable={mode}", f"optimizer.lr={lr}",
+@pytest.mark.parametrize(("mode", "kind"), [("norm_only", "batch"), ("no_norm_affine", "batch"),
+                                            ("norm_only", "layer")])
+def test_only_the_trainable_parameters_change_single_and_population(mode: str, kind: str, dm, monkeypatch) -> None:
+    cfgs = [make_cfg(*SMALL, f"model.norm.kind={kind}", f"train.trainable={mode}", f"optimizer.lr={lr}",
                      "optimizer.lr_scaling=linear", "optimizer.reference_batch=16") for lr in (0.05, 0.2)]
     built: list[tuple[torch.nn.Module, dict[str, torch.Tensor]]] = []  # each single run's model and its init
 

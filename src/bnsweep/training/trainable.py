@@ -9,14 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from bnsweep.errors import ConfigError, check_choice
+from bnsweep.training.norms import kind_of
 
 MODES = ("all", "norm_only", "no_norm_affine")
-_TORCH_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def is_norm(module: nn.Module) -> bool:
-    """A normalization layer: torch's BN/instance/layer/group norms, or a module of ours named ...Norm."""
-    return isinstance(module, _TORCH_NORMS) or type(module).__name__.lower().endswith(("norm", "norm1d", "norm2d"))
+    """A normalization layer of any ``model.norm.kind``."""
+    return kind_of(module) is not None
 
 
 def norm_affine(model: nn.Module) -> list[nn.Parameter]:
