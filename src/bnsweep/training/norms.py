@@ -60,7 +60,7 @@ def canonical(norm: Mapping[str, Any] | None, bn: Mapping[str, Any] | None = Non
             raise ConfigError(f"model.bn.{key}={value!r} contradicts model.norm.{key}={out[key]!r}; "
                               f"set model.norm.{key} only")
         out[key] = value
-    check_settings(out)
+    check_settings(out, {k: "model.bn" for k in old})
     return out
 
 
@@ -69,19 +69,23 @@ def legacy(norm: Mapping[str, Any]) -> dict[str, Any]:
     return {**{k: norm[k] for k in LEGACY_KEYS}, "placement": "none" if norm["kind"] == "none" else norm["placement"]}
 
 
-def check_settings(norm: Mapping[str, Any]) -> None:
-    """Each ``model.norm`` key within what it allows (model-independent rules)."""
-    check_choice("model.norm.kind", norm["kind"], KINDS)
-    check_choice("model.norm.placement", norm["placement"], PLACEMENTS)
-    check_range("model.norm.momentum", norm["momentum"], 0, 1, low_open=True)
-    check_range("model.norm.eps", norm["eps"], 0, low_open=True)
-    for key in ("input", "affine", "keep_bias", "sync"):
-        check_bool(f"model.norm.{key}", norm[key])
-    check_int("model.norm.virtual_batch", norm["virtual_batch"], 1)
-    check_int("model.norm.groups", norm["groups"], 1)
-    check_range("model.norm.rmax", norm["rmax"], 1)
-    check_range("model.norm.dmax", norm["dmax"], 0)
-    check_int("model.norm.warmup_steps", norm["warmup_steps"], 0)
+def check_settings(norm: Mapping[str, Any], old: Mapping[str, str] | None = None) -> None:
+    """Each ``model.norm`` key within what it allows (model-independent rules); ``old`` names the keys that came
+    from ``model.bn`` (an error names the key the researcher wrote)."""
+    def key(name: str) -> str:
+        return f"{(old or {}).get(name, 'model.norm')}.{name}"
+
+    check_choice(key("kind"), norm["kind"], KINDS)
+    check_choice(key("placement"), norm["placement"], PLACEMENTS)
+    check_range(key("momentum"), norm["momentum"], 0, 1, low_open=True)
+    check_range(key("eps"), norm["eps"], 0, low_open=True)
+    for name in ("input", "affine", "keep_bias", "sync"):
+        check_bool(key(name), norm[name])
+    check_int(key("virtual_batch"), norm["virtual_batch"], 1)
+    check_int(key("groups"), norm["groups"], 1)
+    check_range(key("rmax"), norm["rmax"], 1)
+    check_range(key("dmax"), norm["dmax"], 0)
+    check_int(key("warmup_steps"), norm["warmup_steps"], 0)
     if norm["sync"] and norm["kind"] not in ("none", "batch"):
         why = ("its statistics are per virtual batch by design" if norm["kind"] == "ghost_batch" else
                "its r/d correction has no synchronized version here" if norm["kind"] == "batch_renorm" else
