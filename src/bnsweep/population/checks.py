@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bnsweep.errors import ConfigError
 from bnsweep.population.optim import check_options
+from bnsweep.training.lr_scaling import optimizer_options
 
 AUTO = "auto"  # population=auto: each worker measures the fastest K on its machine (population/auto.py)
 
@@ -34,4 +35,4 @@ def check(cfg: DictConfig) -> None:
     if str(cfg.trainer.get("precision", "32-true")) not in ("32-true", "32"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not allowed with population training; "
                           "use 32-true")
-    check_options(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    check_options(optimizer_options(cfg))

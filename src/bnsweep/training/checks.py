@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
+from bnsweep.training import lr_scaling, trainable
 from bnsweep.training.data import DATASETS
 
 OPTIMIZERS = {"torch.optim.SGD": "sgd/momentum/nesterov", "torch.optim.Adam": "adam",
@@ -31,8 +32,10 @@ def validate(cfg: DictConfig) -> None:
     check_range("optimizer.lr", opt.get("lr"), 0, low_open=True)
     check_range("optimizer.weight_decay", opt.get("weight_decay", 0.0), 0)
     check_range("optimizer.momentum", opt.get("momentum", 0.0), 0, 1, high_open=True)
+    lr_scaling.check(cfg)
+    trainable.apply(model, cfg.train.get("trainable", "all"))
     try:
-        instantiate(opt)(model.parameters())
+        lr_scaling.make_optimizer(cfg)(trainable.trainable(model))
     except ValueError as e:  # torch's own checks, e.g. nesterov without momentum
         raise ConfigError(f"optimizer: {e}") from None
     check_int("trainer.max_epochs", cfg.trainer.max_epochs, 1)
