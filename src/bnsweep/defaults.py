@@ -18,6 +18,7 @@ _SWEEP = OmegaConf.load(Path(CONF_DIR) / "run_sweep.yaml")
 STORE_DIR: str = _SWEEP.tracking.store_dir  # MLflow's sqlite store, artifacts and the Optuna journals
 HEARTBEAT_S: int = _SWEEP.heartbeat_s  # PostgreSQL storage: a running trial's heartbeat interval
 STALE_AFTER_S: float = float(_SWEEP.stale_after_s)  # a running trial silent this long is retried
+STORAGE_WAIT_S: float = float(_SWEEP.storage_wait_s)  # PostgreSQL away (a restart): retry this long, then stop
 
 
 def worker_count() -> int:
