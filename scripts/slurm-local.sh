@@ -106,7 +106,7 @@ EOF
     done
   fi
   cat >> "$BASE/etc/slurm.conf" <<EOF
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_S
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP LLN=YES PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_S
 PartitionName=high Nodes=ALL Default=NO MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
   if [ "$WITH_DBD" = 1 ]; then
