@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
-from bnsweep.defaults import worker_count
+from bnsweep.defaults import STORAGE_WAIT_S, worker_count
 from bnsweep.errors import ConfigError
 from bnsweep.sweep import table
 from bnsweep.sweep.cells import Cells
@@ -50,9 +50,10 @@ class Sweep(Cells, Recovery, Launch, Progress, Summary, Usage):
     workers: int
     launcher: Any  # LocalLauncher or launch_slurm.SlurmLauncher
     heartbeat_s: int
+    storage_wait_s: float = STORAGE_WAIT_S
 
     def __post_init__(self) -> None:
-        self.storage = open_storage(self.storage_url, self.heartbeat_s, self.stale_after_s)
+        self.storage = open_storage(self.storage_url, self.heartbeat_s, self.stale_after_s, self.storage_wait_s)
         self.client = MlflowClient(self.uri)
         self.experiment = f"sweep-{self.spec.name}"
         self.experiment_id = get_or_create_experiment(
@@ -96,4 +97,5 @@ def open_sweep(cfg: DictConfig) -> Sweep:
         log.warning("launcher=%s with a journal file (%s): every node must see it on a shared filesystem "
                     "(else set storage=postgresql://...)", cfg.launcher.get("_target_", "?").split(".")[-1], url)
     return Sweep(spec, url, connect(cfg.tracking), store, float(cfg.stale_after_s),
-                 getattr(launcher, "workers", workers), launcher, int(cfg.heartbeat_s))
+                 getattr(launcher, "workers", workers), launcher, int(cfg.heartbeat_s),
+                 float(cfg.get("storage_wait_s", STORAGE_WAIT_S)))

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import compose, instantiate
-from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
+from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S, STORAGE_WAIT_S
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import population_value
 from bnsweep.sweep.claiming import Claiming
@@ -52,8 +52,9 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
 
     def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
                  seed_offset: int = 0, population: int | str | None = None, heartbeat_s: int = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S, recover: bool = False) -> None:
-        self.storage = open_storage(storage_url, heartbeat_s, stale_after_s)
+                 stale_after_s: float = STALE_AFTER_S, recover: bool = False,
+                 storage_wait_s: float = STORAGE_WAIT_S) -> None:
+        self.storage = open_storage(storage_url, heartbeat_s, stale_after_s, storage_wait_s)
         self.population = population  # None: each sweep's own (study attribute "population"); "auto": measured
         self.auto_k: dict[str, int] = {}  # population=auto: the probed K per cell
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"PostgreSQL: heartbeat interval of a running trial (default: {HEARTBEAT_S})")
     ap.add_argument("--stale-after-s", type=float, default=STALE_AFTER_S,
                     help=f"a trial silent this long is retried (default: {STALE_AFTER_S:g})")
+    ap.add_argument("--storage-wait-s", type=float, default=STORAGE_WAIT_S,
+                    help=f"PostgreSQL away (a restart): retry this long before stopping (default: {STORAGE_WAIT_S:g})")
     ap.add_argument("--recover", action="store_true",
                     help="stay while trials run elsewhere and retry those whose worker died (cluster jobs)")
     args = ap.parse_args(argv)
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
                     population=args.population, heartbeat_s=args.heartbeat_s,
-                    stale_after_s=args.stale_after_s, recover=args.recover)
+                    stale_after_s=args.stale_after_s, recover=args.recover, storage_wait_s=args.storage_wait_s)
     try:
         n = worker.run(args.max_trials)
     except KeyboardInterrupt:

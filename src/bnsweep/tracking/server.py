@@ -90,8 +90,12 @@ def api_status(uri: str, timeout: float = 5.0, host: str | None = None) -> tuple
         return None, str(getattr(e, "reason", e))
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, when an MLflow server does not serve this process (checked once)."""
+def check_reachable(uri: str, timeout: float = 20.0) -> None:
+    """Fail fast, before any training, when an MLflow server does not serve this process (checked once).
+
+    A refused connection fails at once; the timeout is for a busy shared server (basic auth hashes the
+    password on every request), which may take seconds to answer while a cluster logs to it.
+    """
     if not uri.startswith(("http://", "https://")) or uri in _REACHABLE:
         return
     status, reason = api_status(uri, timeout)
