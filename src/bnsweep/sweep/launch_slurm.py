@@ -108,14 +108,11 @@ def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker:
         os.kill(os.getpid(), signal.SIGTERM)  # the worker's own stop: give the trial back, end its run
 
     signal.signal(submitit.JobEnvironment._usr_sig(), time_is_up)
-    from bnsweep.sweep.worker import main
+    from bnsweep.sweep.worker import ON_STOP, main
 
-    try:
-        main([*argv, "--seed-offset", str(first_offset + slot), "--recover"])
-    except SystemExit as e:
-        if e.code == 130 and env.local_rank == 0:  # stopped (and the trial given back): requeue?
-            requeue_after_stop(why[0], requeue)
-        raise
+    if env.local_rank == 0:  # once the stopped worker has given its trial back: requeue the job?
+        ON_STOP.append(lambda: requeue_after_stop(why[0], requeue))
+    main([*argv, "--seed-offset", str(first_offset + slot), "--recover"])
 
 
 @dataclass

@@ -31,7 +31,7 @@ from bnsweep.config import compose, instantiate
 from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S, STORAGE_WAIT_S
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import population_value
-from bnsweep.sweep.claiming import Claiming
+from bnsweep.sweep.claiming import ON_STOP, Claiming, stopping_now
 from bnsweep.sweep.ddp import Ranks, join_ranks
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.outcomes import Outcomes, disk_full
@@ -67,6 +67,7 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
         self.configs: dict[str, DictConfig] = {}
         self.data: dict[str, InMemoryDataModule] = {}
         self.trackers: list = []  # MLflow runs still sending in the background
+        self.holding: tuple[optuna.Study, list[optuna.Trial]] | None = None  # what a stop signal gives back
         self.done = 0
 
     def _with_sampler(self, study: optuna.Study) -> optuna.Study:
@@ -106,11 +107,14 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
                         continue
                     break
                 study, trials = nxt
+                self.holding = (study, trials)
                 try:
                     self.run_claimed(study, trials)
                 except BaseException:  # stopped from outside (SIGTERM, Ctrl-C), disk full: give the slots back
                     self.give_back(study, trials)
                     raise
+                finally:
+                    self.holding = None
                 self.done += len(trials)
         finally:
             self.flush()
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
                     population=args.population, heartbeat_s=args.heartbeat_s,
                     stale_after_s=args.stale_after_s, recover=args.recover, storage_wait_s=args.storage_wait_s)
+    ON_STOP.insert(0, worker.give_back_held)  # first: then whatever the job adds (launch_slurm: a requeue)
     try:
         n = worker.run(args.max_trials)
     except KeyboardInterrupt:
@@ -175,6 +180,7 @@ def stop_on_signals() -> None:
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopping_now()  # the held trials given back from a thread of their own, at once
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
