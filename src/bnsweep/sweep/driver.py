@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from bnsweep.defaults import CONF_DIR
-from bnsweep.errors import run_app
+from bnsweep.errors import check_int, run_app
 from bnsweep.sweep import files, table
 from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.lock import database_owner, holding, holding_database, lock_path, owner
@@ -41,7 +41,8 @@ def stop_on_sigterm() -> Iterator[None]:
 
 
 def run(cfg: DictConfig) -> list[dict]:
-    quick_requests()
+    quick_requests(check_int("tracking.request_retries", cfg.tracking.request_retries, 0),
+                   check_int("tracking.request_timeout_s", cfg.tracking.request_timeout_s, 1))
     sweep = open_sweep(cfg)
     lock = lock_path(sweep.store_dir, sweep.spec.name)
     if cfg.action != "run" and (who := owner(lock) or in_database(sweep)):

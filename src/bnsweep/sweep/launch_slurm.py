@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnsweep.defaults import SLURM_COMMAND_TIMEOUT_S, SLURM_POLL_S
 from bnsweep.errors import ConfigError, check_range, redact
 from bnsweep.sweep.launch_local import apply_env, rank_env
 
@@ -137,6 +138,8 @@ class SlurmLauncher:
     requeue: bool = True
     signal_delay_s: int = 120
     max_num_timeout: int = 3
+    poll_s: float = SLURM_POLL_S
+    command_timeout_s: float = SLURM_COMMAND_TIMEOUT_S
     job_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -147,6 +150,8 @@ class SlurmLauncher:
         check_range("launcher.time_min", self.time_min, 1)
         check_range("launcher.signal_delay_s", self.signal_delay_s, 1)
         check_range("launcher.max_num_timeout", self.max_num_timeout, 0)
+        check_range("launcher.poll_s", self.poll_s, 0, low_open=True)
+        check_range("launcher.command_timeout_s", self.command_timeout_s, 0, low_open=True)
         self._last_check, self._alive = 0.0, 0
 
     # ------------------------------------------------------------------ submission
@@ -199,15 +204,15 @@ class SlurmLauncher:
     # ------------------------------------------------------------------ watching
 
     def alive(self) -> int:
-        """Jobs pending or running (squeue, at most every 5 s)."""
+        """Jobs pending or running (squeue, at most every ``poll_s``)."""
         if not self.job_ids:
             return 0
-        if time.monotonic() - self._last_check < 5:
+        if time.monotonic() - self._last_check < self.poll_s:
             return self._alive
         self._last_check = time.monotonic()
         arrays = sorted({i.split("_")[0] for i in self.job_ids})
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(arrays)], capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=self.command_timeout_s)
         mine = set(self.job_ids)
         self._alive = sum(line.strip() in mine for line in out.stdout.splitlines())
         return self._alive
@@ -217,7 +222,7 @@ class SlurmLauncher:
 
     def stop(self) -> None:
         if self.job_ids:
-            subprocess.run(["scancel", *self.job_ids], capture_output=True, timeout=60)
+            subprocess.run(["scancel", *self.job_ids], capture_output=True, timeout=self.command_timeout_s)
 
     def failed(self) -> int:
         return 0  # a job's failure shows in its trials (retried) and its log, not here

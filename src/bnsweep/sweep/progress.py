@@ -19,7 +19,6 @@ from bnsweep.sweep.slots import counts
 from bnsweep.tracking.runs import mark_killed, summary_run
 
 log = logging.getLogger("bnsweep.sweep")
-STOP_WAIT_S = 60  # a stopped driver waits this long for its workers to give their trials back
 
 
 class Progress:
@@ -64,7 +63,7 @@ class Progress:
                 if time.monotonic() - last_check > 5 or not alive:
                     last_check = time.monotonic()
                     left = self.recover() or self.totals().get("waiting", 0)
-                    if left and not alive and respawns < 2 * n_workers:
+                    if left and not alive and respawns < (1 + self.respawns_per_worker) * n_workers:
                         self.spawn(respawns, 1)  # a retried trial and nobody left to run it
                         respawns += 1
                         continue
@@ -89,7 +88,7 @@ class Progress:
             self.launcher.stop()
             join = getattr(self.launcher, "join", None)
             if join is not None:
-                join(STOP_WAIT_S)
+                join(self.stop_wait_s)
             try:
                 self.recover()  # trials of workers that died before giving them back
                 for study in self.studies:

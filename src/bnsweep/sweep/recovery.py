@@ -25,7 +25,7 @@ class Recovery:
         """Retry trials whose worker died; mark their MLflow runs KILLED. Returns trials enqueued."""
         added = 0
         for study in self.studies:
-            lost, n = recover_study(self.storage, study, self.stale_after_s)
+            lost, n = recover_study(self.storage, study, self.stale_after_s, self.max_lost)
             if lost:
                 try:
                     mark_killed(self.client, self.experiment_id, study.study_name, lost, any_status=True)

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
-from bnsweep.defaults import STORAGE_WAIT_S, worker_count
-from bnsweep.errors import ConfigError
+from bnsweep.defaults import MAX_LOST, RESPAWNS_PER_WORKER, STOP_WAIT_S, STORAGE_WAIT_S, worker_count
+from bnsweep.errors import ConfigError, check_int, check_range
 from bnsweep.sweep import table
 from bnsweep.sweep.cells import Cells
 from bnsweep.sweep.definition import SweepSpec, parse
@@ -50,6 +50,9 @@ class Sweep(Cells, Recovery, Launch, Progress, Summary, Usage):
     workers: int
     launcher: Any  # LocalLauncher or launch_slurm.SlurmLauncher
     heartbeat_s: int
+    max_lost: int = MAX_LOST  # conf/run_sweep.yaml; see slots.poison_slots
+    stop_wait_s: float = STOP_WAIT_S
+    respawns_per_worker: int = RESPAWNS_PER_WORKER
     storage_wait_s: float = STORAGE_WAIT_S
 
     def __post_init__(self) -> None:
@@ -90,6 +93,10 @@ def open_sweep(cfg: DictConfig) -> Sweep:
     workers = cfg.workers or worker_count()
     if workers < 1:
         raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
+    limits = {"max_lost": check_int("max_lost", cfg.max_lost, 1),
+              "stop_wait_s": float(check_range("stop_wait_s", cfg.stop_wait_s, 0)),
+              "respawns_per_worker": check_int("respawns_per_worker", cfg.respawns_per_worker, 0),
+              "storage_wait_s": float(check_range("storage_wait_s", cfg.storage_wait_s, 0))}
     launcher = instantiate(cfg.launcher) if cfg.get("launcher") else LocalLauncher(workers)
     store = Path(cfg.tracking.store_dir).resolve()
     url = cfg.storage or default_storage(store, spec.name)
@@ -97,5 +104,4 @@ def open_sweep(cfg: DictConfig) -> Sweep:
         log.warning("launcher=%s with a journal file (%s): every node must see it on a shared filesystem "
                     "(else set storage=postgresql://...)", cfg.launcher.get("_target_", "?").split(".")[-1], url)
     return Sweep(spec, url, connect(cfg.tracking), store, float(cfg.stale_after_s),
-                 getattr(launcher, "workers", workers), launcher, int(cfg.heartbeat_s),
-                 float(cfg.get("storage_wait_s", STORAGE_WAIT_S)))
+                 getattr(launcher, "workers", workers), launcher, int(cfg.heartbeat_s), **limits)

@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from bnsweep.defaults import STORE_DIR
+from bnsweep.defaults import REQUEST_RETRIES, REQUEST_TIMEOUT_S, STORE_DIR
 from bnsweep.errors import redact
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from research machines
@@ -33,7 +33,6 @@ PARAM_LEN = 6000
 # MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI overview (traces, tokens) of an
 # empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-REQUEST_RETRIES, REQUEST_TIMEOUT_S = 2, 20  # an away MLflow server: seconds, not MLflow's minutes of retries
 
 
 def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> str:
@@ -259,10 +258,12 @@ def answers(uri: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def quick_requests() -> None:
-    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+def quick_requests(retries: int = REQUEST_RETRIES, timeout_s: int = REQUEST_TIMEOUT_S) -> None:
+    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes.
+
+    Set in the environment, so the workers a driver starts inherit its ``tracking.request_*``."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
 
 
 # ---------------------------------------------------------------------- run names
