@@ -18,8 +18,16 @@ _SWEEP = OmegaConf.load(Path(CONF_DIR) / "run_sweep.yaml")
 STORE_DIR: str = _SWEEP.tracking.store_dir  # MLflow's sqlite store, artifacts and the Optuna journals
 HEARTBEAT_S: int = _SWEEP.heartbeat_s  # PostgreSQL storage: a running trial's heartbeat interval
 STALE_AFTER_S: float = float(_SWEEP.stale_after_s)  # a running trial silent this long is retried
+_TRACKING = OmegaConf.load(Path(CONF_DIR) / "tracking" / "default.yaml")
+FLUSH_S: float = float(_TRACKING.flush_s)  # a run's points reach the MLflow server at most this often
 
 
 def worker_count() -> int:
     """Local sweep workers when ``workers=null``: one per CPU core this process may use."""
     return len(os.sched_getaffinity(0))
+
+
+def server_workers(value: int | None = None) -> int:
+    """The local MLflow server's web workers: ``tracking.server_workers``, else one per CPU core."""
+    value = _SWEEP.tracking.server_workers if value is None else value
+    return int(value) if value is not None else worker_count()

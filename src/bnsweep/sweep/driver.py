@@ -38,6 +38,7 @@ from bnsweep.sweep.launch_local import LocalLauncher
 from bnsweep.sweep.lock import holding, lock_path, owner
 from bnsweep.sweep.slots import counts, live, recover_study, retried, trial_tags
 from bnsweep.sweep.storage import default_storage, open_storage, sweep_studies
+from bnsweep.tracking import outbox
 from bnsweep.tracking.dashboard import runs_table_url, set_view
 from bnsweep.tracking.runs import (
     RUN_NAME_TAG,
@@ -133,7 +134,7 @@ class Sweep:
                 self.client.update_run(parent, status="RUNNING")
             attrs = {**self.spec.to_attrs(), "cell": cell.name, "grid": cell.values, "order": i,
                      "overrides": cell.overrides, "mlflow_parent_run_id": parent,
-                     "mlflow_experiment": self.experiment}
+                     "mlflow_experiment": self.experiment, "store_dir": str(self.store_dir)}
             for k, v in attrs.items():
                 if study.user_attrs.get(k) != v:
                     study.set_user_attr(k, v)
@@ -157,7 +158,7 @@ class Sweep:
     def complete_runs(self) -> int:
         """Each finished trial's MLflow run made whole from the storage (see ``complete_trial_runs``):
         what a worker could not send while MLflow was away or slow is completed here."""
-        changed = 0
+        changed = outbox.replay(self.client, self.store_dir)  # first: the runs' own points, where kept
         for study in self.studies:
             parent = study.user_attrs["mlflow_parent_run_id"]
             gone = retried(trials := study.get_trials(deepcopy=False))

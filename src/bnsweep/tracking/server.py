@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bnsweep.defaults import STORE_DIR
+from bnsweep.defaults import STORE_DIR, server_workers
 from bnsweep.errors import BnsweepError, ConfigError, TrackingError, check_bool, check_int, redact
 
 log = logging.getLogger("bnsweep.tracking")
@@ -121,8 +121,10 @@ def connect(tracking: Any) -> str:
         if tracking.get("port") is not None:
             check_int("tracking.port", tracking.port, 1, 65535)
         host = tracking.get("host") or "127.0.0.1"
+        if tracking.get("server_workers") is not None:
+            check_int("tracking.server_workers", tracking.server_workers, 1, 64)
         uri = MlflowServer(tracking.store_dir, host=host, port=tracking.port or preferred_port(host=host),
-                           backend_store=tracking.get("backend_store"),
+                           backend_store=tracking.get("backend_store"), workers=tracking.get("server_workers"),
                            auth=check_bool("tracking.auth", bool_or(tracking.get("auth"))),
                            allow_network=check_bool("tracking.allow_network",
                                                     bool_or(tracking.get("allow_network")))).ensure()
@@ -147,10 +149,10 @@ class MlflowServer:
     """Start, find and stop a tracking server whose PID and URL live in ``<store_dir>/server.*``."""
 
     def __init__(self, store_dir: str | Path = STORE_DIR, host: str = "127.0.0.1",
-                 port: int | None = None, workers: int = 2, backend_store: str | None = None,
+                 port: int | None = None, workers: int | None = None, backend_store: str | None = None,
                  auth: bool = False, allow_network: bool = False) -> None:
         self.store = Path(store_dir).resolve()
-        self.host, self.port, self.workers = host, port, workers
+        self.host, self.port, self.workers = host, port, server_workers(workers)
         self.backend_store, self.auth = backend_store or f"sqlite:///{self.store / 'mlflow.db'}", auth
         self.allow_network = allow_network
         self.pid_file, self.url_file = self.store / "server.pid", self.store / "server.url"
