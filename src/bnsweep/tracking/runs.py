@@ -38,6 +38,8 @@ PARAM_LEN = 6000
 # empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 REQUEST_RETRIES, REQUEST_TIMEOUT_S = 2, 20  # an away MLflow server: seconds, not MLflow's minutes of retries
+ANSWERED_S = 30.0  # a server that answered a run's request this recently is not probed again (``answers``)
+_ANSWERED: dict[str, float] = {}  # tracking uri -> when a background request last succeeded
 
 
 def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> str:
@@ -153,10 +155,12 @@ class RunTracker:
         if self._broken is not None:
             raise RuntimeError(f"skipped: an earlier MLflow request failed ({self._broken})")
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except Exception as e:
             self._broken = e
             raise
+        _ANSWERED[self.client.tracking_uri] = time.monotonic()
+        return out
 
     def stage(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
               metrics: Mapping[str, float] | None = None) -> None:
@@ -299,8 +303,12 @@ def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trial
 
 
 def answers(uri: str, timeout: float = 5.0) -> bool:
-    """Whether the MLflow server at ``uri`` answers now (its /health; a local store always does)."""
-    if not uri.startswith(("http://", "https://")):
+    """Whether the MLflow server at ``uri`` answers now (its /health; a local store always does).
+
+    A run's request answered within the last ``ANSWERED_S`` seconds counts: no probe per trial. Should the
+    server go away meanwhile, that run's points wait in its outbox.
+    """
+    if not uri.startswith(("http://", "https://")) or time.monotonic() - _ANSWERED.get(uri, -ANSWERED_S) < ANSWERED_S:
         return True
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
