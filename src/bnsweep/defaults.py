@@ -29,8 +29,16 @@ PROBE = _SWEEP.population_probe  # population=auto's candidates, margin and prob
 _SLURM = OmegaConf.load(Path(CONF_DIR) / "launcher" / "slurm.yaml")
 SLURM_POLL_S: float = float(_SLURM.poll_s)  # squeue at most this often
 SLURM_COMMAND_TIMEOUT_S: float = float(_SLURM.command_timeout_s)  # squeue/scancel given up after this long
+_TRACKING = OmegaConf.load(Path(CONF_DIR) / "tracking" / "default.yaml")
+FLUSH_S: float = float(_TRACKING.flush_s)  # a run's points reach the MLflow server at most this often
 
 
 def worker_count() -> int:
     """Local sweep workers when ``workers=null``: one per CPU core this process may use."""
     return len(os.sched_getaffinity(0))
+
+
+def server_workers(value: int | None = None) -> int:
+    """The local MLflow server's web workers: ``tracking.server_workers``, else one per CPU core."""
+    value = _SWEEP.tracking.server_workers if value is None else value
+    return int(value) if value is not None else worker_count()

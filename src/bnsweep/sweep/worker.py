@@ -80,7 +80,8 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
             a = study.user_attrs
             self.configs[study.study_name] = compose("train", [
                 *a["overrides"], f"threads={self.threads}", f"tracking.uri={self.tracking_uri}",
-                f"tracking.experiment={a['mlflow_experiment']}"])
+                f"tracking.experiment={a['mlflow_experiment']}",
+                *([f"tracking.store_dir={a['store_dir']}"] if "store_dir" in a else [])])  # the runs' outbox
         return self.configs[study.study_name]
 
     def datamodule(self, cfg: DictConfig) -> InMemoryDataModule:
