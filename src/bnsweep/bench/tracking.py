@@ -49,7 +49,7 @@ class Pattern:
         return len(self.staged) + sum(len(m) for m, *_ in self.calls)
 
 
-def cell_config(store: Path, uri: str, limit_train: int | None = None):
+def cell_config(store: Path, uri: str, limit_train: int | None = None, flush_s: float = 0.0):
     """The default study's first cell as a worker composes it (1 epoch, its checks and final metrics)."""
     from bnsweep.config import compose
     from bnsweep.sweep.definition import parse
@@ -58,7 +58,7 @@ def cell_config(store: Path, uri: str, limit_train: int | None = None):
     limit = [f"data.limit_train={limit_train}"] if limit_train else []
     return compose("train", [*spec.cells()[0].overrides, *limit, "optimizer.lr=0.1", "threads=1",
                              f"tracking.uri={uri}", f"tracking.store_dir={store}", "tracking.experiment=bench-record",
-                             "tracking.flush_s=0", "tracking.run_name='lr 0.1 · seed 0'"])
+                             f"tracking.flush_s={flush_s}", "tracking.run_name='lr 0.1 · seed 0'"])
 
 
 def record_pattern(uri: str, store: Path, limit_train: int | None = None) -> Pattern:
@@ -90,6 +90,23 @@ def record_pattern(uri: str, store: Path, limit_train: int | None = None) -> Pat
     return Pattern(created, calls, staged, artifacts, run.info.run_name)
 
 
+class RequestLog:
+    """A server's requests by endpoint, counted in its access log (``<store>/server.log``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._offset = Path(path), 0
+        self.take()
+
+    def take(self) -> Counter:
+        """Requests since the last call."""
+        time.sleep(0.5)  # the log lines of the last answered requests
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            text = f.read().decode(errors="replace")
+            self._offset = f.tell()
+        return Counter(m.group(1).removeprefix("/api/2.0/mlflow/") for m in REQUEST.finditer(text))
+
+
 class Server:
     """A real ``mlflow server`` as bnsweep starts it, with its access log read for request counts."""
 
@@ -98,16 +115,10 @@ class Server:
 
         self.server = MlflowServer(store, workers=workers, backend_store=backend_store)
         self.uri = self.server.start()
-        self._offset = 0
+        self.log = RequestLog(self.server.log_file)
 
     def requests(self) -> Counter:
-        """Requests by endpoint since the last call (the server's access log)."""
-        time.sleep(0.5)  # the server's log lines of the last requests
-        with open(self.server.log_file, "rb") as f:
-            f.seek(self._offset)
-            text = f.read().decode(errors="replace")
-            self._offset = f.tell()
-        return Counter(m.group(1).removeprefix("/api/2.0/mlflow/") for m in REQUEST.finditer(text))
+        return self.log.take()
 
     def stop(self) -> None:
         self.server.stop()
