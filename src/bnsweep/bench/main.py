@@ -11,6 +11,9 @@ inference latency (folded where it can be) relative to no normalization, MLP and
 Population (bench/population.py): trials/hour of K = 1 (one trial at a time, the ordinary path), 8, 32
 (and 128 on a GPU) trials trained as one stacked network, interleaved, and the fraction of the
 machine's matmul peak that training reaches.
+Tracking (bench/tracking.py): trials/s one MLflow server sustains against trials/s offered, requests per
+trial (today's pattern and the buffered one, side by side), per backend and server worker count; Optuna
+claims and completions per second.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from bnsweep.config import compose, instantiate
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import quiet_lightning, run_training
 
-SECTIONS = ["training", "validation", "sweep", "latency", "norms", "population", "peers"]
+SECTIONS = ["training", "validation", "sweep", "latency", "norms", "population", "peers", "tracking"]
 QUICK_TRAIN = 2000  # --quick: training images per run
 
 
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         from bnsweep.bench.peers import report as report_peers
 
         report_peers(args.epochs, args.trials, limit_train=limit)
+    if args.only in (None, "tracking"):
+        from bnsweep.bench.tracking import report as report_tracking
+
+        report_tracking(args.quick)
 
 
 def report_training(epochs: int, limit_train: int | None = None) -> None:
