@@ -17,7 +17,7 @@ from torch import nn
 from bnsweep.config import instantiate
 from bnsweep.deploy.fold import fold_bn
 from bnsweep.errors import ConfigError
-from bnsweep.population.layers import StackedNet
+from bnsweep.population.layers import WALK, StackedNet
 from bnsweep.training import bn_eval, checkpoint
 from bnsweep.training.checks import validate
 from bnsweep.training.models import MLP, Residual
@@ -216,8 +216,22 @@ def test_a_population_equals_its_members_for_every_kind(model: str, kind: str) -
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6)
 
 
-def test_population_refuses_residual_networks_in_one_line() -> None:
-    with pytest.raises(ConfigError, match="model.residual=true and model=resnet are not allowed with it"):
+def test_a_population_of_residual_mlps_equals_its_members_and_refuses_a_resnet() -> None:
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(trained(MLP(MNIST, 10, depth=3, width=16, residual=True,
+                                  norm={"kind": "batch_renorm", "warmup_steps": 2})))
+    net = StackedNet(models)
+    x = torch.randn(16, *MNIST)
+    torch.testing.assert_close(net.eval()(x), torch.stack([m.eval()(x) for m in models]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net.train()(x), torch.stack([m.train()(x) for m in models]), rtol=1e-5, atol=1e-5)
+    assert set(net.member_state(0)) == set(models[0].state_dict())
+    stacked = bn_eval.precise_bn(net, x, chunk=8, walk=WALK)  # BN inside the stacked residual blocks too
+    singles = [bn_eval.precise_bn(m, x, chunk=8) for m in models]
+    for i, single in enumerate(singles):
+        torch.testing.assert_close(stacked.layers[5].layers[1].running_var[i], single.res3.fc3_bn.running_var)
+    with pytest.raises(ConfigError, match="model=resnet is not allowed with it"):
         StackedNet([build("ResNet", "batch") for _ in range(2)])
 
 
