@@ -127,7 +127,7 @@ class Server:
 def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: float, window_s: float,
              flush_s: float, experiment: str) -> tuple[int, float]:
     """``threads`` simulated trials at a time, each thread ``window_s / trial_s`` of them one after another;
-    returns (trials ended, seconds until the last one ended)."""
+    returns (trials ended with every request answered, seconds until the last one ended)."""
     from bnsweep.tracking.runs import RunTracker
 
     done, lock = [0], threading.Lock()
@@ -147,7 +147,7 @@ def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: flo
     def ended(tracker: RunTracker) -> None:
         tracker.close()
         with lock:
-            done[0] += 1
+            done[0] += tracker.answered  # a trial whose request failed (timed out) is not sustained
 
     def loop() -> None:
         """As a worker: a trial's requests overlap the next trial, whose end waits for them (``flush(keep=1)``)."""
