@@ -48,7 +48,7 @@ test: $(STAMP)  ## the whole suite, CPU only; starts (and stops) its own MLflow 
 test-cluster: $(STAMP)  ## the SLURM + PostgreSQL tests (tests/cluster), against real daemons
 	@export SLURM_CONF=/tmp/bnsweep-slurm/etc/slurm.conf BNSWEEP_TEST_PG=postgresql://postgres@127.0.0.1:54329/ci; \
 	trap '$(SUDO) bash scripts/pg-local.sh stop; $(SUDO) bash scripts/slurm-local.sh stop' EXIT; \
-	$(SUDO) bash scripts/slurm-local.sh start && $(SUDO) bash scripts/pg-local.sh start && \
+	$(SUDO) env NODES=3 bash scripts/slurm-local.sh start && $(SUDO) bash scripts/pg-local.sh start && \
 	$(PY) -m pytest -q -m cluster tests/cluster $(ARGS)
 
 bench: $(STAMP)  ## side-by-side speed ratios; numbers go into the issue notes

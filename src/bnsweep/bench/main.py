@@ -6,6 +6,8 @@ in-memory DataModule, MLflow logging) against a bare PyTorch loop over the same 
 Sweep: trials/hour of the tiny sweep with 1 and 2 workers, and the orchestration overhead per trial
 (sweep wall time minus each trial's own fit and test evaluation, which are printed beside it).
 Latency (bench/latency.py): no-BN / BN / BN-folded forward passes at batch 1 and 1024, side by side.
+Norms (bench/norms.py): each model.norm.kind's training step (single and per population member) and
+inference latency (folded where it can be) relative to no normalization, MLP and CNN, side by side.
 Population (bench/population.py): trials/hour of K = 1 (one trial at a time, the ordinary path), 8, 32
 (and 128 on a GPU) trials trained as one stacked network, interleaved, and the fraction of the
 machine's matmul peak that training reaches.
@@ -30,7 +32,7 @@ from bnsweep.config import compose, instantiate
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import quiet_lightning, run_training
 
-SECTIONS = ["training", "validation", "sweep", "latency", "population", "peers", "tracking"]
+SECTIONS = ["training", "validation", "sweep", "latency", "norms", "population", "peers", "tracking"]
 QUICK_TRAIN = 2000  # --quick: training images per run
 
 
@@ -117,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
         from bnsweep.bench.latency import report as report_latency
 
         report_latency(0.3 if args.quick else 3.0)
+    if args.only in (None, "norms"):
+        from bnsweep.bench.norms import report as report_norms
+
+        report_norms(steps=10 if args.quick else 40, rounds=1 if args.quick else 3, k=2 if args.quick else 8,
+                     budget_s=0.1 if args.quick else 1.0)
     if args.only in (None, "population"):
         from bnsweep.bench.population import report as report_population
 

@@ -37,24 +37,24 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
+from bnsweep.defaults import PROBE
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import check
 from bnsweep.population.layers import StackedNet
 from bnsweep.population.loop import device_of, eval_chunk, run_population
 from bnsweep.population.optim import StackedOptimizer
 from bnsweep.training.data import InMemoryDataModule
+from bnsweep.training.lr_scaling import effective_lr, make_optimizer, optimizer_options
 from bnsweep.training.run import run_training
 
 log = logging.getLogger("bnsweep.population")
 
-CPU_CANDIDATES = (1, 2, 4, 8, 16, 32)
-GPU_CANDIDATES = (1, 8, 32, 64, 128)
-MARGIN = 1.10  # a population must predict 10% more trials/hour than K=1 to be chosen
-PROBE_STEPS = 10  # timed training steps per candidate and round (after 3 warm-up steps)
-PROBE_ROUNDS = 3  # interleaved rounds over the candidates (step times), 2 for the whole-trial slices
-SLICE_STEPS = 32  # training steps of the real whole trials timed for K=1 and the shortlisted populations
-EVAL_SLICE = 1000  # validation and test inputs of those short trials
-SHORTLIST = 1  # populations (the fastest by step time) timed as whole trials against K=1
+# conf/run_sweep.yaml's population_probe (each key's meaning is written there)
+CPU_CANDIDATES = tuple(PROBE.cpu_candidates)
+GPU_CANDIDATES = tuple(PROBE.gpu_candidates)
+MARGIN = float(PROBE.margin)  # a population must predict this many times K=1's trials/hour to be chosen
+PROBE_STEPS, PROBE_ROUNDS = int(PROBE.steps), int(PROBE.rounds)
+SLICE_STEPS, EVAL_SLICE, SHORTLIST = int(PROBE.slice_steps), int(PROBE.eval_slice), int(PROBE.shortlist)
 CACHE_VERSION = 3
 
 
@@ -115,11 +115,11 @@ class Candidate:
         models = _models(cfg, dm, k, device)
         if k == 1:
             self.net: torch.nn.Module = models[0]
-            self.opt = instantiate(cfg.optimizer)(self.net.parameters())
+            self.opt = make_optimizer(cfg)(self.net.parameters())
         else:
             self.net = StackedNet(models).to(device)
-            opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
-            self.opt = StackedOptimizer(list(self.net.parameters()), opt, torch.full((k,), float(cfg.optimizer.lr)))
+            self.opt = StackedOptimizer(list(self.net.parameters()), optimizer_options(cfg),
+                                        torch.full((k,), effective_lr(cfg)))
         chunk = eval_chunk(dm.eval_batch_size, k) if k > 1 else dm.eval_batch_size  # as the population evaluates
         self.eval_x = self.x[:chunk].to(device)
 

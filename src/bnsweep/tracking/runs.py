@@ -23,7 +23,7 @@ from mlflow.entities import Metric
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from bnsweep.defaults import FLUSH_S, STORE_DIR
+from bnsweep.defaults import FLUSH_S, REQUEST_RETRIES, REQUEST_TIMEOUT_S, STORE_DIR
 from bnsweep.errors import redact
 from bnsweep.tracking.outbox import Batch, Outbox
 
@@ -37,7 +37,6 @@ PARAM_LEN = 6000
 # MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI overview (traces, tokens) of an
 # empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-REQUEST_RETRIES, REQUEST_TIMEOUT_S = 2, 20  # an away MLflow server: seconds, not MLflow's minutes of retries
 ANSWERED_S = 30.0  # a server that answered a run's request this recently is not probed again (``answers``)
 _ANSWERED: dict[str, float] = {}  # tracking uri -> when a background request last succeeded
 
@@ -322,10 +321,12 @@ def answers(uri: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def quick_requests() -> None:
-    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+def quick_requests(retries: int = REQUEST_RETRIES, timeout_s: int = REQUEST_TIMEOUT_S) -> None:
+    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes.
+
+    Set in the environment, so the workers a driver starts inherit its ``tracking.request_*``."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
 
 
 # ---------------------------------------------------------------------- run names

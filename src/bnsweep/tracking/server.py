@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +93,12 @@ def api_status(uri: str, timeout: float = 5.0, host: str | None = None) -> tuple
         return None, str(getattr(e, "reason", e))
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, when an MLflow server does not serve this process (checked once)."""
+def check_reachable(uri: str, timeout: float = 20.0) -> None:
+    """Fail fast, before any training, when an MLflow server does not serve this process (checked once).
+
+    A refused connection fails at once; the timeout is for a busy shared server (basic auth hashes the
+    password on every request), which may take seconds to answer while a cluster logs to it.
+    """
     if not uri.startswith(("http://", "https://")) or uri in _REACHABLE:
         return
     status, reason = api_status(uri, timeout)
@@ -275,12 +281,24 @@ class MlflowServer:
         return {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
 
+    @contextlib.contextmanager
+    def starting(self) -> Iterator[None]:
+        """One find-or-start at a time over this store: commands started together (two sweeps, a sweep and
+        ``bnsweep ui``) share one server instead of each starting one on the same new SQLite database."""
+        fd = os.open(private_dir(self.store) / "server.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
+            yield
+        finally:
+            os.close(fd)
+
     def ensure(self) -> str:
         """Reuse a running server over this store if it was started as asked now (host, auth, store), else
         start one; a server started otherwise is refused, not silently used with weaker settings."""
-        uri = self.running_uri()
-        if uri is None:
-            return self.start()
+        with self.starting():
+            uri = self.running_uri()
+            if uri is None:
+                return self.start()
         try:
             running = json.loads(self.settings_file.read_text())
         except (OSError, ValueError):
@@ -335,17 +353,19 @@ def main(argv: list[str] | None = None, action: str | None = None) -> None:
         print("MLflow server stopped" if server.stop() else "no MLflow server was running over "
               f"{server.store}")
         return
-    uri = server.running_uri()
     if action == "status":
+        uri = server.running_uri()
         print(f"MLflow server running at {uri}" if uri else "no MLflow server running")
         return
-    if uri is None:
-        server.port = args.port or preferred_port(5000, args.host)
-        print(f"starting the MLflow server over {server.store} (takes ~20 s) ...", flush=True)
-        try:
-            uri = server.start()
-        except BnsweepError as e:
-            sys.exit(f"error: {redact(e)}")
+    with server.starting():
+        uri = server.running_uri()
+        if uri is None:
+            server.port = args.port or preferred_port(5000, args.host)
+            print(f"starting the MLflow server over {server.store} (takes ~20 s) ...", flush=True)
+            try:
+                uri = server.start()
+            except BnsweepError as e:
+                sys.exit(f"error: {redact(e)}")
     print(f"MLflow dashboard: {uri}   (stop it with: bnsweep down)")
     from bnsweep.tracking.dashboard import sweep_links
 
