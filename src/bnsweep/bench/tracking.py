@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import statistics
 import tempfile
 import threading
@@ -116,18 +117,39 @@ class Server:
         self.server = MlflowServer(store, workers=workers, backend_store=backend_store)
         self.uri = self.server.start()
         self.log = RequestLog(self.server.log_file)
+        self._cpu = self.cpu_s()
 
     def requests(self) -> Counter:
         return self.log.take()
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server's processes (its process group) have used so far."""
+        import psutil
+
+        pgid, total = int(self.server.pid_file.read_text()), 0.0
+        for p in psutil.process_iter():
+            try:
+                if os.getpgid(p.pid) == pgid:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            except (psutil.Error, OSError):
+                continue
+        return total
+
+    def cpu_since(self) -> float:
+        """Server CPU seconds since the last call: its cost, whatever else shares the machine."""
+        now = self.cpu_s()
+        used, self._cpu = now - self._cpu, now
+        return used
 
     def stop(self) -> None:
         self.server.stop()
 
 
-def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: float, window_s: float,
+def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: float, trials: int,
              flush_s: float, experiment: str) -> tuple[int, float]:
-    """``threads`` simulated trials at a time, each thread ``window_s / trial_s`` of them one after another;
-    returns (trials ended, seconds until the last one ended)."""
+    """``threads`` simulated trials at a time, ``trials`` in all (at least one per thread), each thread's one
+    after another; returns (trials ended with every request answered, seconds until the last one ended)."""
     from bnsweep.tracking.runs import RunTracker
 
     done, lock = [0], threading.Lock()
@@ -147,12 +169,12 @@ def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: flo
     def ended(tracker: RunTracker) -> None:
         tracker.close()
         with lock:
-            done[0] += 1
+            done[0] += tracker.answered  # a trial whose request failed (timed out) is not sustained
 
     def loop() -> None:
         """As a worker: a trial's requests overlap the next trial, whose end waits for them (``flush(keep=1)``)."""
         previous = None
-        for _ in range(max(1, round(window_s / trial_s))):
+        for _ in range(max(1, round(trials / threads))):
             tracker = one()
             if previous is not None:
                 ended(previous)
@@ -176,7 +198,7 @@ def knee(rows: list[dict]) -> str:
 
 
 def tracking_backend(label: str, backend_store: str | None, workers: list[int], levels: tuple[int, ...],
-                     trial_s: float, window_s: float, limit_train: int | None, pattern: Pattern | None) -> Pattern:
+                     trial_s: float, trials: int, limit_train: int | None, pattern: Pattern | None) -> Pattern:
     """Record the pattern (once), then each server worker count: both patterns at every level."""
     for w in workers:
         with tempfile.TemporaryDirectory(prefix="bnsweep-bench-") as tmp:
@@ -189,26 +211,35 @@ def tracking_backend(label: str, backend_store: str | None, workers: list[int], 
                           f"{len(pattern.tags) + len(pattern.calls[0][3]) + len(pattern.calls[-1][3])} tags, "
                           f"artifacts {', '.join(sorted(pattern.artifacts))}")
                 server.requests()
-                print(f"  {label}, {w} server worker(s); trials of {trial_s:g} s, {window_s:g} s per level")
-                print("    at once   offered/s   today: trials/s  req/trial   buffered: trials/s  req/trial   "
-                      "ratio req")
+                server.cpu_since()
+                print(f"  {label}, {w} server worker(s); trials of {trial_s:g} s, {trials} (at least one per thread) "
+                      "per level; server CPU ms per trial (its processes' own time: what bounds it on an idle machine)")
+                print("    at once   offered/s   today: trials/s  req/trial  cpu ms   buffered: trials/s  req/trial"
+                      "  cpu ms   ratio req")
                 rows = []
                 for n in levels:
                     got = {}
                     for name, flush in (("today", 0.0), ("buffered", FLUSH_S)):
-                        trials, wall = simulate(server.uri, Path(tmp) / "mlruns", pattern, n, trial_s, window_s,
-                                                flush, f"bench-{name}")
+                        ended, wall = simulate(server.uri, Path(tmp) / "mlruns", pattern, n, trial_s, trials,
+                                               flush, f"bench-{name}")
                         reqs = server.requests()
-                        got[name] = {"threads": n, "offered": n / trial_s, "sustained": trials / wall,
-                                     "per_trial": sum(reqs.values()) / max(trials, 1), "requests": reqs}
+                        got[name] = {"threads": n, "offered": n / trial_s, "sustained": ended / wall,
+                                     "per_trial": sum(reqs.values()) / max(ended, 1), "requests": reqs,
+                                     "cpu_ms": 1e3 * server.cpu_since() / max(ended, 1)}
                     rows.append(got)
                     t, b = got["today"], got["buffered"]
-                    print(f"    {n:7d}   {n / trial_s:9.1f}   {t['sustained']:15.1f}  {t['per_trial']:9.2f}   "
-                          f"{b['sustained']:18.1f}  {b['per_trial']:9.2f}   {t['per_trial'] / b['per_trial']:6.1f}x")
+                    print(f"    {n:7d}   {n / trial_s:9.1f}   {t['sustained']:15.1f}  {t['per_trial']:9.2f}  "
+                          f"{t['cpu_ms']:6.0f}   {b['sustained']:18.1f}  {b['per_trial']:9.2f}  {b['cpu_ms']:6.0f}   "
+                          f"{t['per_trial'] / b['per_trial']:6.1f}x")
                 b_last = rows[-1]["buffered"]["requests"]
                 print(f"    buffered requests by kind (last level): {dict(b_last.most_common())}")
                 print(f"    knee, today's pattern:   {knee([r['today'] for r in rows])}")
                 print(f"    knee, buffered pattern:  {knee([r['buffered'] for r in rows])}")
+                cpu = {k: statistics.median(r[k]["cpu_ms"] for r in rows) for k in ("today", "buffered")}
+                busy = min(w, worker_count())
+                print(f"    server CPU per trial (median over levels): today {cpu['today']:.0f} ms, buffered "
+                      f"{cpu['buffered']:.0f} ms: {busy} idle core(s) would hold {1e3 * busy / cpu['today']:.0f} and "
+                      f"{1e3 * busy / cpu['buffered']:.0f} trials/s (a bound, not a measurement)")
             finally:
                 server.stop()
     return pattern
@@ -286,16 +317,17 @@ def report(quick: bool = False) -> None:
     from bnsweep.tracking.runs import quick_requests
 
     quick_requests()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped bench stops its servers too
     levels = (1, 4) if quick else LEVELS
-    trial_s, window_s = (1.0, 1.5) if quick else (1.0, 4.0)
+    trial_s, trials = (1.0, 4) if quick else (1.0, 32)
     cores = worker_count()
-    workers = [cores] if quick else sorted({1, cores, 2 * cores})
+    workers = [cores] if quick else sorted({1, cores})
     print(f"\n[tracking] one MLflow server, simulated trials of the default study's logging pattern; "
           f"{cores} cores, torch threads {torch.get_num_threads()}; flush_s={FLUSH_S:g} (buffered) vs 0 (today)")
-    pattern = tracking_backend("SQLite", None, workers, levels, trial_s, window_s, 2000 if quick else None, None)
+    pattern = tracking_backend("SQLite", None, workers, levels, trial_s, trials, 2000 if quick else None, None)
     pg = os.environ.get("BNSWEEP_TEST_PG")
     if pg:
-        tracking_backend("PostgreSQL", pg, workers, levels, trial_s, window_s, None, pattern)
+        tracking_backend("PostgreSQL", pg, workers, levels, trial_s, trials, None, pattern)
     else:
         print("  PostgreSQL backend: skipped (set BNSWEEP_TEST_PG=postgresql://... to measure it)")
     report_optuna(levels, 16 if quick else 128)

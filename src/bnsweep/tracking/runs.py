@@ -243,6 +243,11 @@ class RunTracker:
         if self.outbox:
             self.outbox.close(done=False)  # still owed to the server: kept for ``outbox.replay``
 
+    @property
+    def answered(self) -> bool:
+        """Every request so far answered (background: after ``close``)."""
+        return self._broken is None
+
     def _run_id_or_none(self) -> str | None:
         try:
             return self.run_id
