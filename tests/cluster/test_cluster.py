@@ -139,3 +139,35 @@ def test_mlflow_basic_auth_takes_credentials_from_the_environment(tmp_path: Path
         server.stop()
     assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
                    and p.suffix in (".log", ".ini", ".url", ".pid"))
+
+
+@needs_pg
+def test_database_lock_refuses_a_second_driver_and_dies_with_its_holder() -> None:
+    """The advisory lock of a PostgreSQL sweep: a second holder is refused with one line naming the first;
+    the holder's process SIGKILLed (its host gone), PostgreSQL drops the lock with its connection."""
+    import signal
+    import sys
+
+    from bnsweep.errors import ConfigError
+    from bnsweep.sweep.lock import database_owner, holding_database
+
+    url, name = new_database(), f"lock-{uuid.uuid4().hex[:6]}"
+    code = (f"import time; from bnsweep.sweep.lock import holding_database\nwith holding_database({url!r}, "
+            f"{name!r}):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert database_owner(url, name).startswith(f"pid {holder.pid} on ")
+        with pytest.raises(ConfigError, match=rf"^sweep={name}: another driver runs it \(pid {holder.pid} on "), \
+                holding_database(url, name):
+            pass
+        assert database_owner(url, f"{name}-other") is None  # a lock per sweep
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        deadline = time.monotonic() + 30  # the server notices the closed connection at once, or nearly
+        while database_owner(url, name) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with holding_database(url, name):
+            assert database_owner(url, name).startswith("pid ")
+    finally:
+        holder.kill()
