@@ -24,7 +24,7 @@ from bnsweep.defaults import CONF_DIR
 from bnsweep.errors import check_int, run_app
 from bnsweep.sweep import files, table
 from bnsweep.sweep.launch_local import LocalLauncher
-from bnsweep.sweep.lock import holding, lock_path, owner
+from bnsweep.sweep.lock import database_owner, holding, holding_database, lock_path, owner
 from bnsweep.sweep.state import Sweep, open_sweep
 from bnsweep.tracking.runs import quick_requests
 
@@ -45,13 +45,19 @@ def run(cfg: DictConfig) -> list[dict]:
                    check_int("tracking.request_timeout_s", cfg.tracking.request_timeout_s, 1))
     sweep = open_sweep(cfg)
     lock = lock_path(sweep.store_dir, sweep.spec.name)
-    if cfg.action != "run" and (who := owner(lock)):
+    if cfg.action != "run" and (who := owner(lock) or in_database(sweep)):
         return sweep.snapshot(who)
     try:
-        with holding(lock, sweep.spec.name), stop_on_sigterm():
+        with holding(lock, sweep.spec.name), holding_database(sweep.storage_url, sweep.spec.name), \
+                stop_on_sigterm():
             return drive(cfg, sweep)
     except KeyboardInterrupt:  # stop_workers has said what happened and how to resume
         sys.exit(130)
+
+
+def in_database(sweep: Sweep) -> str | None:
+    """A PostgreSQL sweep's driver on another host: who holds the sweep's lock in the database."""
+    return database_owner(sweep.storage_url, sweep.spec.name)
 
 
 def drive(cfg: DictConfig, sweep: Sweep) -> list[dict]:

@@ -28,7 +28,8 @@ class Launch:
     def worker_args(self) -> list[str]:
         """Arguments of ``bnsweep worker``: the same worker on this machine or a cluster."""
         return ["--storage", self.storage_url, "--sweep", self.spec.name, "--tracking-uri", self.uri,
-                "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s)]
+                "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s),
+                "--storage-wait-s", str(self.storage_wait_s)]
 
     @functools.cached_property
     def ranks(self) -> int:

@@ -48,6 +48,8 @@ def validate(cfg: DictConfig) -> None:
         check_int("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
         check_int("threads", cfg.threads, 1)
+    if cfg.tracking.get("flush_s") is not None:
+        check_range("tracking.flush_s", cfg.tracking.flush_s, 0)
 
 
 # Keys whose YAML value must be a real int / bool: Hydra passes `32.5` or `no` (a string) through
