@@ -1,14 +1,15 @@
 """One sweep on the 3-node cluster, under the faults of a real cluster (issue #20).
 
 A single PostgreSQL sweep (3 SLURM workers, one per node, its driver waiting in the background) hosts
-every fault, each provoked for real: a second driver from another host (while everything else goes on),
-the MLflow server stopped for 30 s, PostgreSQL stopped for 30 s, then at once on the three workers:
-``scontrol requeue`` of one, a preemption of another by a job of the higher-priority partition, and the
-third one's node killed (``slurm-local.sh kill-node``). The outages come first, while most of the sweep
-is left, so the sweep outlasts them on a fast machine too. The tests run in file order on that one
-sweep; each asserts what its fault must leave behind, the last one that the sweep ended exact: each
-slot one finished trial with one FINISHED run (with its per-check history), nothing left RUNNING, no
-traceback in any log, one line per outage.
+every fault, each provoked for real: a second driver from another host (while everything else goes on);
+the MLflow server stopped for 30 s; then at once on the three workers: ``scontrol requeue`` of one, a
+preemption of another by a job of the higher-priority partition, and the third one's node killed
+(``slurm-local.sh kill-node``); then PostgreSQL stopped for 30 s. The MLflow outage, in which training
+goes on, comes first while most of the sweep is left; the sweep stands still while its three workers
+are away and while the database is, so the sweep outlasts the faults on a fast machine too. The tests
+run in file order on that one sweep; each asserts what its fault must leave behind, the last one that
+the sweep ended exact: each slot one finished trial with one FINISHED run (with its per-check history),
+nothing left RUNNING, no traceback in any log, one line per outage.
 
 Each test prints what it measured (``-s`` shows it): docs/cluster.md's fault table comes from there.
 """
@@ -33,7 +34,7 @@ from bnsweep.sweep.slots import live, retried
 from bnsweep.sweep.storage import open_storage, sweep_studies
 
 pytestmark = [pytest.mark.cluster, RunIf(slurm=True, postgres=True)]
-NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 36, 5, 20, 30
+NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 48, 5, 20, 30
 SCRIPTS = ROOT / "scripts"
 OUTAGE_LINE = "the Optuna storage (PostgreSQL at"
 
@@ -58,7 +59,7 @@ def root(*cmd: str) -> str:
 
 @pytest.fixture(scope="module")
 def sweep(cluster_mlflow: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """The fault sweep, driven in the background: 1 cell x 36 LR slots of 5 epochs, 3 workers."""
+    """The fault sweep, driven in the background: 1 cell x 48 LR slots of 5 epochs, 3 workers."""
     store = tmp_path_factory.mktemp("faults")
     storage = new_database()
     args = ["sweep=tiny", f"sweep.name={NAME}", "sweep.grid={model.bn.placement:[none]}", f"sweep.n_trials={SLOTS}",
@@ -136,26 +137,8 @@ def test_mlflow_server_restarted_mid_sweep(sweep: SimpleNamespace) -> None:
     time.sleep(DOWN_S)
     start = time.monotonic()
     assert sweep.mlflow.start() == sweep.mlflow.uri
-    sweep.measured[f"MLflow down {DOWN_S} s: server answers again after"] = time.monotonic() - start
-
-
-def test_postgresql_restarted_mid_sweep(sweep: SimpleNamespace) -> None:
-    victim(sweep, "the database restart")
-    root("bash", str(SCRIPTS / "pg-local.sh"), "stop")
-    time.sleep(DOWN_S)
-    root("bash", str(SCRIPTS / "pg-local.sh"), "start")
-    start = time.monotonic()
-    running = {t.number for t in trials(sweep) if t.state == TrialState.RUNNING}
-
-    def beat_again() -> bool:  # every trial running across the outage beat (or ended) since
-        now = time.time()
-        return all(t.state.is_finished() or now - t.user_attrs.get("heartbeat", 0) < 8 for t in trials(sweep)
-                   if t.number in running)
-
-    wait_for(beat_again, 120, why="the workers to reach the restarted database")
-    sweep.measured[f"PostgreSQL down {DOWN_S} s: workers beat again after"] = time.monotonic() - start
-    # the restart retried nothing: no trial failed (the faults that retry trials come after this one)
-    assert not [t.number for t in trials(sweep) if t.state == TrialState.FAIL]
+    sweep.measured[f"MLflow down {DOWN_S} s: the restarted server answers after (its own start)"] = (
+        time.monotonic() - start)
 
 
 def test_requeue_preemption_and_node_loss_at_once(sweep: SimpleNamespace) -> None:
@@ -197,6 +180,25 @@ def test_requeue_preemption_and_node_loss_at_once(sweep: SimpleNamespace) -> Non
     assert int(re.search(r"Restarts=(\d+)", sh("scontrol", "show", "job", "-o", jobs["preemption"]))[1]) >= 1
 
 
+def test_postgresql_restarted_mid_sweep(sweep: SimpleNamespace) -> None:
+    victim(sweep, "the database restart")
+    failed = {t.number for t in trials(sweep) if t.state == TrialState.FAIL}  # the faults before this one
+    root("bash", str(SCRIPTS / "pg-local.sh"), "stop")
+    time.sleep(DOWN_S)
+    root("bash", str(SCRIPTS / "pg-local.sh"), "start")
+    start = time.monotonic()
+    running = {t.number for t in trials(sweep) if t.state == TrialState.RUNNING}
+
+    def beat_again() -> bool:  # every trial running across the outage beat (or ended) since
+        now = time.time()
+        return all(t.state.is_finished() or now - t.user_attrs.get("heartbeat", 0) < 8 for t in trials(sweep)
+                   if t.number in running)
+
+    wait_for(beat_again, 120, why="the workers to reach the restarted database")
+    sweep.measured[f"PostgreSQL down {DOWN_S} s: workers beat again after"] = time.monotonic() - start
+    sweep.failed_before_pg = failed
+
+
 def test_sweep_ends_exact_after_every_fault(sweep: SimpleNamespace) -> None:
     assert sweep.driver.wait(900) == 0, sweep.log.read_text()[-3000:]
     out, err = sweep.second.communicate(timeout=600)
@@ -207,17 +209,21 @@ def test_sweep_ends_exact_after_every_fault(sweep: SimpleNamespace) -> None:
 
     log = sweep.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+    assert re.search(r"^\| none +\|", log, re.M), log[-2000:]  # the table: a row per cell
     assert log.count(OUTAGE_LINE) == 1, [ln for ln in log.splitlines() if OUTAGE_LINE in ln]  # one line per outage
     workers = {p: p.read_text(errors="replace") for p in (sweep.store / "sweeps" / NAME / "slurm").rglob("*_log.*")}
     assert not [p.name for p, text in workers.items() if "Traceback" in text]
     assert all(text.count(OUTAGE_LINE) <= 1 for text in workers.values())
     assert sum(OUTAGE_LINE in text for text in workers.values()) >= 1  # the workers saw it too, and said so once
 
+    # the database restart retried nothing: the FAIL trials are those of the faults before it
+    assert {t.number for t in trials(sweep) if t.state == TrialState.FAIL} == sweep.failed_before_pg
     (study,) = sweep_studies(open_storage(sweep.storage), NAME)
     ts = study.get_trials(deepcopy=False)
     kept = [t for t in ts if live(t, retried(ts))]
     assert sorted(t.user_attrs["slot"] for t in kept) == list(range(SLOTS))  # no slot twice, none missing
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in kept), [t.state for t in kept]
+    assert all(t.user_attrs["worker"]["job"] for t in kept)  # every trial ran in a job of the sweep's array
     client = MlflowClient(sweep.mlflow.uri)
     exp = client.get_experiment_by_name(f"sweep-{NAME}")
     runs = client.search_runs([exp.experiment_id], "tags.`bnsweep.role` = 'trial'", max_results=1000)
