@@ -39,10 +39,12 @@ def test_bad_train_input_is_one_line(tmp_path: Path, arg: str, parts: tuple[str,
 @pytest.mark.parametrize(("arg", "parts"), [
     ("sweep.n_trials=2.5", ("sweep.n_trials=2.5", "integer >= 1")),
     ("sweep.repeats=1.5", ("sweep.repeats=1.5", "integer >= 0")),
+    ("sweep.name=../../outside", ("sweep.name='../../outside'", "letters, digits")),  # a path out of the store
 ])
 def test_bad_sweep_input_is_one_line(tmp_path: Path, arg: str, parts: tuple[str, ...]) -> None:
     result = bnsweep_cli("sweep", "sweep=tiny", arg, f"tracking.store_dir={tmp_path / 'mlruns'}", cwd=tmp_path)
     assert_one_line_error(result, *parts)
+    assert not [p for p in tmp_path.parent.iterdir() if p.name == "outside"]  # nothing written beside tmp_path
 
 
 def test_checks_refuse_rather_than_truncate_or_guess() -> None:

@@ -26,6 +26,11 @@ REQUEST_RETRIES: int = _SWEEP.tracking.request_retries  # MLflow request retries
 REQUEST_TIMEOUT_S: int = _SWEEP.tracking.request_timeout_s  # whole seconds (MLflow reads an int)
 PROBE = _SWEEP.population_probe  # population=auto's candidates, margin and probe lengths
 
+# Secrets a driver hands its workers by environment, never on their command lines (``ps`` shows those)
+STORAGE_PASSWORD_ENV = "BNSWEEP_STORAGE_PASSWORD"  # the password of a postgresql:// storage URL
+WORKER_ENV = (STORAGE_PASSWORD_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")  # what workers take from the driver
+
 _SLURM = OmegaConf.load(Path(CONF_DIR) / "launcher" / "slurm.yaml")
 SLURM_POLL_S: float = float(_SLURM.poll_s)  # squeue at most this often
 SLURM_COMMAND_TIMEOUT_S: float = float(_SLURM.command_timeout_s)  # squeue/scancel given up after this long

@@ -67,6 +67,17 @@ def check_int(key: str, value: Any, low: int | None = None, high: int | None = N
     return check_range(key, value, low, high)
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def check_name(key: str, value: Any) -> str:
+    """A name that becomes a file or folder (a sweep's journal, reports/<name>/): no path, nothing hidden."""
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ConfigError(f"{key}={value!r} is not allowed; use 1-100 letters, digits, '.', '_' or '-', starting "
+                          "with a letter or digit (it names files under the store and reports/)")
+    return value
+
+
 def check_bool(key: str, value: Any) -> bool:
     """A boolean: ``no``, ``yes``, ``0`` or ``"false"`` are refused, not guessed."""
     if not isinstance(value, bool):

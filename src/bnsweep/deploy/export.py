@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 import tempfile
 import warnings
@@ -31,6 +32,7 @@ from bnsweep.tracking.server import check_reachable
 from bnsweep.training import checkpoint
 
 log = logging.getLogger("bnsweep")
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # MLflow's run ids (uuid4().hex); anything else never reaches a path or a request
 
 
 class ExportError(BnsweepError):
@@ -72,13 +74,16 @@ def _fetch(cfg: DictConfig, tmp: Path) -> tuple[Path, Any]:
         if not path.is_file():
             raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
         return path, None
+    run_id = str(cfg.run_id)
+    if not RUN_ID.fullmatch(run_id):
+        raise ConfigError(f"run_id={cfg.run_id!r} is not allowed: an MLflow run id is 32 hexadecimal characters "
+                          "(the run page's 'Run ID')")
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)
     check_reachable(uri)
     client = MlflowClient(uri)
-    run_id = str(cfg.run_id)
     try:
         client.get_run(run_id)
     except MlflowException:

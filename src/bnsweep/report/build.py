@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from bnsweep.defaults import CONF_DIR
-from bnsweep.errors import ConfigError, run_app
+from bnsweep.errors import ConfigError, check_name, run_app
 from bnsweep.report import figures
 from bnsweep.report.export import ANSWER_COLUMNS, BASIN_COLUMNS, answer_rows, basin_rows, write_csv
 from bnsweep.report.results import METRICS, CellResult, Layout, collect_cell, comparisons, fetch_mlflow
@@ -114,7 +114,7 @@ def collect(name: str, url: str, tracking: DictConfig, diagnostics_of: Any = Non
 def make_report(cfg: DictConfig) -> Path:
     """Read the sweep ``cfg.sweep.name`` from its storage and MLflow; write (and log) its report."""
     start = time.perf_counter()
-    name = str(cfg.sweep.name)
+    name = check_name("sweep.name", cfg.sweep.name)
     url = cfg.storage or default_storage(Path(cfg.tracking.store_dir).resolve(), name)
     attrs, cells, client, uri = collect(name, url, cfg.tracking)
     attrs["description"] = cfg.sweep.get("description", "")

@@ -19,7 +19,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import compose
-from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
+from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_name, check_range
 from bnsweep.population.checks import AUTO
 from bnsweep.population.checks import check as population_check
 from bnsweep.sweep.basin import LR_KEY
@@ -236,6 +236,7 @@ def parse(raw: Mapping[str, Any], extra_overrides: Sequence[str] = ()) -> SweepS
         raise ConfigError(f"sweep has unknown key(s) {sorted(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}")
     if not raw.get("name"):
         raise ConfigError("sweep.name is missing; it names the Optuna studies and the MLflow experiment")
+    check_name("sweep.name", raw["name"])
     base = [*(raw.get("base") or []), *extra_overrides]
     train_cfg = compose("train", base)
     known = set(_flat_keys(OmegaConf.to_container(train_cfg)))

@@ -16,8 +16,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import yaml
+
 from bnsweep.defaults import SWEEP_DIR
 from bnsweep.errors import ConfigError
+
+MAX_BYTES = 1_000_000  # a sweep file is a page of YAML; anything this big is a wrong file (or a YAML bomb)
 
 
 def find(value: str) -> Path | None:
@@ -27,12 +31,31 @@ def find(value: str) -> Path | None:
         if not path.is_file():
             raise ConfigError(f"sweep={value} is not allowed: no such file; give a sweep file's path or the name "
                               f"of one in ./sweeps/ or {SWEEP_DIR}")
-        return path
+        return checked(path, value)
     local = Path("sweeps") / f"{value}.yaml"
     builtin = Path(SWEEP_DIR) / f"{value}.yaml"
     if local.is_file() and not (builtin.is_file() and local.resolve() == builtin.resolve()):
-        return local
+        return checked(local, value)
     return None
+
+
+def checked(path: Path, value: str) -> Path:
+    """``path`` if it reads as a sweep definition (a YAML mapping of modest size); else one error line."""
+    refused = f"sweep={value} is not allowed: {path}"
+    try:
+        if path.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"{refused} is {path.stat().st_size:,} bytes; a sweep file is a short YAML mapping")
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{refused} is not valid YAML{where} ({getattr(e, 'problem', None) or e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{refused} cannot be read ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{refused} holds {type(raw).__name__}, not a mapping of sweep keys (name, grid, "
+                          "search, ...)")
+    return path
 
 
 @contextlib.contextmanager

@@ -6,10 +6,13 @@ How processes start is the launcher's (``launch_local``, ``launch_slurm``).
 from __future__ import annotations
 
 import functools
+import os
 
 from omegaconf import OmegaConf
 
 from bnsweep.config import compose, instantiate
+from bnsweep.sweep import storage
+from bnsweep.tracking import runs
 
 
 class Launch:
@@ -26,8 +29,15 @@ class Launch:
                 instantiate(data).prepare_data()
 
     def worker_args(self) -> list[str]:
-        """Arguments of ``bnsweep worker``: the same worker on this machine or a cluster."""
-        return ["--storage", self.storage_url, "--sweep", self.spec.name, "--tracking-uri", self.uri,
+        """Arguments of ``bnsweep worker``: the same worker on this machine or a cluster.
+
+        No password: those of the storage and tracking URLs go into this process's environment, which
+        SLURM jobs inherit and local workers are given (``launch_local.WORKER_ENV``); ``ps`` shows argv.
+        """
+        storage_url, secret = storage.for_workers(self.storage_url)
+        uri, credentials = runs.for_workers(self.uri)
+        os.environ.update(secret | credentials)
+        return ["--storage", storage_url, "--sweep", self.spec.name, "--tracking-uri", uri,
                 "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s),
                 "--storage-wait-s", str(self.storage_wait_s)]
 

@@ -16,7 +16,7 @@ from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from bnsweep.defaults import worker_count
+from bnsweep.defaults import WORKER_ENV, worker_count
 from bnsweep.tracking.server import free_port
 
 _CONTEXT = multiprocessing.get_context("forkserver")
@@ -52,7 +52,7 @@ def apply_env(env: dict[str, str]) -> None:
 
 
 def _run(argv: list[str], log_path: str, env: dict[str, str]) -> None:
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
@@ -64,9 +64,14 @@ def _run(argv: list[str], log_path: str, env: dict[str, str]) -> None:
 
 
 def spawn_worker(argv: list[str], log_path: str | Path, env: dict[str, str] | None = None) -> BaseProcess:
-    """Start one worker with ``bnsweep worker`` arguments; its output goes to ``log_path``."""
+    """Start one worker with ``bnsweep worker`` arguments; its output goes to ``log_path``.
+
+    The fork server started before the driver set its credentials and request limits: a worker gets
+    those (``WORKER_ENV``) from this process, as a SLURM job inherits them from the submitting one.
+    """
     start_preloading()  # no-op when already running
-    proc = _CONTEXT.Process(target=_run, args=(list(argv), str(log_path), dict(env or {})), daemon=True)
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ} | dict(env or {})
+    proc = _CONTEXT.Process(target=_run, args=(list(argv), str(log_path), env), daemon=True)
     proc.start()
     return proc
 

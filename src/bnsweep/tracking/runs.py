@@ -12,6 +12,7 @@ import os
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +50,17 @@ def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> st
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def for_workers(uri: str) -> tuple[str, dict[str, str]]:
+    """A tracking URI for a worker's command line, its ``user:password@`` moved to MLflow's credential variables."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri, {}
+    netloc = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), {
+        "MLFLOW_TRACKING_USERNAME": urllib.parse.unquote(parts.username or ""),
+        "MLFLOW_TRACKING_PASSWORD": urllib.parse.unquote(parts.password)}
 
 
 def artifact_root(uri: str, store_dir: str | Path = STORE_DIR) -> str | None:
