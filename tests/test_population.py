@@ -92,6 +92,8 @@ CASES = {
     "batch_renorm-after_act": ([(0.05, 0), (0.2, 0)], ["model.norm.kind=batch_renorm", "model.norm.warmup_steps=10",
                                                        "model.norm.placement=after_act", "optimizer=momentum"]),
     "layer-adam": ([(1e-3, 0), (3e-3, 1)], ["model.norm.kind=layer", "optimizer=adam"]),
+    "residual-batch": ([(0.05, 0), (0.2, 1)], ["model.depth=3", "model.width=16", "model.residual=true",
+                                               "model.norm.kind=batch", "train.eval_batch_sizes=[2]"]),
     "cnn-group": ([(0.05, 0), (0.1, 1)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
                                           "model.norm.kind=group", "model.norm.groups=2", "trainer.max_epochs=1"]),
     "cnn-instance-input": ([(0.05, 0), (0.1, 0)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
