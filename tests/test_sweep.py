@@ -258,3 +258,21 @@ def test_bad_sweep_override_on_the_cli_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 1
     assert out.stderr.strip() == ("error: sweep.sampler.name='cmaes' is not allowed; "
                                   "choose one of: tpe, random, grid, qmc")
+
+
+def test_the_norm_studies_grid_what_issue_19_asks() -> None:
+    """norms: kind x activation; norms_x_batch: kind x batch size with linear LR scaling; depth: kind x depth x
+    residual; train_only_norm: what trains."""
+    grids = {name: parse(make_cfg(f"sweep={name}", config="run_sweep").sweep)
+             for name in ("norms", "norms_x_batch", "depth", "train_only_norm")}
+    assert set(grids["norms"].grid) == {"model.norm.kind", "model.activation"}
+    assert {"batch", "layer", "group", "ghost_batch", "batch_renorm"} <= set(grids["norms"].grid["model.norm.kind"])
+    nxb = grids["norms_x_batch"]
+    assert nxb.grid["data.batch_size"] == [2, 4, 16, 64, 256] and "group" in nxb.grid["model.norm.kind"]
+    cell = next(c for c in nxb.cells() if c.values == {"model.norm.kind": "batch", "data.batch_size": 2})
+    cfg = make_cfg(*cell.overrides)
+    assert cfg.data.batch_size == 2 and cfg.optimizer.lr_scaling == "linear" and cfg.optimizer.reference_batch == 32
+    depth = grids["depth"].grid
+    assert depth["model.depth"] == [2, 8, 32, 64] and depth["model.residual"] == [False, True]
+    assert grids["train_only_norm"].grid["train.trainable"] == ["all", "norm_only", "no_norm_affine"]
+    assert all(s.basin is not None and s.repeats >= 4 for s in grids.values())

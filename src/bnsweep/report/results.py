@@ -350,14 +350,15 @@ ACROSS = "batch_size"  # a grid factor whose cells are also compared across its 
 
 
 def across(cells: Sequence[CellResult], layout: Layout) -> list[Comparison]:
-    """Each batch size vs the reference one (``optimizer.reference_batch`` where gridded, else the largest), within
-    each value of the row key and of the other keys: how a norm kind fares as the batch shrinks."""
+    """Each batch size vs the reference one (the gridded size nearest ``optimizer.reference_batch``, in log scale,
+    the smaller on a tie), within each value of the row key and of the other keys: how a kind fares as the batch
+    shrinks."""
     key = next((k for k in layout.keys if k != layout.row and k.rsplit(".", 1)[-1] == ACROSS), None)
     if key is None:
         return []
     sizes = layout.values[key]
-    ref = str(compose("train", cells[0].overrides).optimizer.get("reference_batch"))
-    ref = ref if ref in sizes else max(sizes, key=float)
+    ref_batch = float(compose("train", cells[0].overrides).optimizer.get("reference_batch") or 32)
+    ref = min(sizes, key=lambda s: (abs(math.log(float(s) / ref_batch)), float(s)))
     out = []
     for c in cells:
         if c.labels[key] == ref:

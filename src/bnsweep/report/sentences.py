@@ -147,6 +147,15 @@ def search_line(attrs: dict[str, Any], lo: float, hi: float) -> str:
             f"(sampler {attrs['sampler'].get('name')})")
 
 
+def question(layout: Layout, between: int) -> str:
+    """The question a comparison line answers: BN placements, or normalization kinds (``model.norm.kind`` rows)."""
+    if not layout.bn:
+        return ""
+    if layout.row == "kind":
+        return ("Does normalization help? ", "Which normalization? ")[between]
+    return ("Does BN help? ", "Where should BN go? ")[between]
+
+
 def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layout: Layout,
             vs_base: Sequence[Comparison], between: Sequence[Comparison], figs: dict[str, Path],
             notes: dict[str, str], link: str) -> Document:
@@ -188,12 +197,11 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
             continue
         doc.heading(f"{g}", 3)
         for comp in comps:
-            doc.para(f"**{'Does BN help? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
+            doc.para(f"**{question(layout, 0)}{comp.a_label} vs {comp.b_label}**")
             doc.bullets(sentences(comp, target, KEYS_VS_BASE))
         for comp in others:
             across = comp.a_label not in layout.rows  # a batch size vs the reference one (results.across)
-            doc.para(f"**{'Where should BN go? ' if layout.bn and not across else ''}{comp.a_label} vs "
-                     f"{comp.b_label}**")
+            doc.para(f"**{question(layout, 1) if not across else ''}{comp.a_label} vs {comp.b_label}**")
             doc.bullets(sentences(comp, target, KEYS_BETWEEN))
     if not vs_base and not between:
         doc.para("The grid has a single value per key, so there is nothing to compare.")
