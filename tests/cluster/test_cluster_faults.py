@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from bnsweep.sweep.lock import database_owner
 from bnsweep.sweep.slots import live, retried
 from bnsweep.sweep.storage import open_storage, sweep_studies
 
@@ -196,6 +197,9 @@ def test_postgresql_restarted_mid_sweep(sweep: SimpleNamespace) -> None:
 
     wait_for(beat_again, 120, why="the workers to reach the restarted database")
     sweep.measured[f"PostgreSQL down {DOWN_S} s: workers beat again after"] = time.monotonic() - start
+    # the driver's lock went with its connection; it holds it again on a new one
+    wait_for(lambda: (database_owner(sweep.storage, NAME) or "").startswith(f"pid {sweep.driver.pid} on "), 60,
+             why="the driver to hold the sweep's database lock again")
     sweep.failed_before_pg = failed
 
 
