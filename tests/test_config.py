@@ -15,7 +15,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
 
 def test_groups_are_what_the_docs_promise() -> None:
     assert GROUPS["data"] == ["cifar10", "fashion_mnist", "mnist"]
-    assert GROUPS["model"] == ["cnn", "mlp"]
+    assert GROUPS["model"] == ["cnn", "mlp", "resnet"]
     assert GROUPS["optimizer"] == ["adam", "momentum", "nesterov", "rmsprop", "sgd"]
     assert {"seed001_bn", "seed001_nobn", "seed002_bn"} <= set(EXPERIMENTS)
 

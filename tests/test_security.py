@@ -175,7 +175,7 @@ def test_worker_command_lines_carry_no_password(monkeypatch) -> None:
 
     url = "postgresql://sweeper:hunter%402@db:5432/optuna"
     sweep = SimpleNamespace(storage_url=url, uri="http://admin:s3cret@mlflow:5000", heartbeat_s=30,
-                            stale_after_s=900.0, spec=SimpleNamespace(name="s"))
+                            stale_after_s=900.0, storage_wait_s=300.0, spec=SimpleNamespace(name="s"))
     for key in (storage.STORAGE_PASSWORD_ENV, "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         monkeypatch.delenv(key, raising=False)
     args = Launch.worker_args(sweep)

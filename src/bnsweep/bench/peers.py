@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import compose, instantiate
+from bnsweep.training.lr_scaling import optimizer_options
 from bnsweep.training.run import quiet_lightning, run_training
 
 LR_RANGE = (1e-2, 1.0)  # the tiny sweep's search range
@@ -104,7 +105,7 @@ def canonical_trial(cfg: DictConfig, root: str, lr: float | None = None, callbac
     pl.seed_everything(int(cfg.seed), verbose=False)
     train, val, test = loaders(cfg, root)
     model = instantiate(cfg.model, in_shape=(1, 28, 28), num_classes=10)
-    make_opt = instantiate(cfg.optimizer, **({"lr": lr} if lr is not None else {}))
+    make_opt = instantiate({**optimizer_options(cfg), **({"lr": lr} if lr is not None else {})})
     module = CanonicalModule(model, make_opt)
     trainer = pl.Trainer(max_epochs=int(cfg.trainer.max_epochs), accelerator="cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnsweep.errors import ConfigError
+from bnsweep.training.norms import kind_of
+
 Affine = tuple[torch.Tensor, torch.Tensor]  # (a, c) per channel, float64
 
 
@@ -176,6 +179,7 @@ def fold_bn(model: nn.Sequential, in_shape: Sequence[int] | None = None) -> nn.S
     ``model`` is a flat ``nn.Sequential`` (bnsweep's MLP/CNN). ``in_shape`` (C, H, W) is needed only
     for a gamma == 0 channel in front of a padded conv. The original is not modified.
     """
+    check_foldable(model)
     shapes = _input_shapes(model, in_shape) if in_shape is not None else {}
     out: list[tuple[str, nn.Module]] = []
     pending: Affine | None = None  # the true tensor is a*t + c, t = the output of out[-1]
@@ -224,5 +228,38 @@ def fold_bn(model: nn.Sequential, in_shape: Sequence[int] | None = None) -> nn.S
             flush()
             out.append((name, copy.deepcopy(mod)))
     flush()
+    for _, mod in out:  # blocks with a skip (residual MLP, ResNet): fold inside each
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in mod.modules()):
+            _fold_inside(mod)
     return nn.Sequential(OrderedDict(out)).eval()
+
+
+def check_foldable(model: nn.Module) -> None:
+    """ConfigError (one line) if a norm layer has no fixed eval-mode map: layer, group and instance norms."""
+    for module in model.modules():
+        kind = kind_of(module)
+        if kind in ("layer", "group", "instance"):
+            raise ConfigError(f"model.norm.kind={kind} cannot be folded: it normalizes each input by that input's "
+                              "own statistics, so at inference it is no fixed affine map; folding is allowed for "
+                              "batch, ghost_batch and batch_renorm (running statistics)")
+
+
+@torch.no_grad()
+def _fold_inside(block: nn.Module) -> None:
+    """In place, inside a block with a skip: a ``<layer>_bn`` right after its Linear/Conv ``<layer>`` goes into
+    that layer (block forwards call children by name); any other BN becomes its exact ``ChannelAffine``."""
+    for module in list(block.modules()):
+        children = dict(module.named_children())
+        for name, child in children.items():
+            if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+                continue
+            a, c = bn_affine(child)
+            layer = children.get(name.removesuffix("_bn"))
+            if name.endswith("_bn") and isinstance(layer, (nn.Linear, nn.Conv2d)):
+                setattr(module, name.removesuffix("_bn"), _fold_output(layer, a, c))
+                setattr(module, name, nn.Identity())
+            else:
+                view = (-1, 1, 1) if isinstance(child, nn.BatchNorm2d) else (-1,)
+                dtype = child.running_mean.dtype
+                setattr(module, name, ChannelAffine(a.view(view).to(dtype), c.view(view).to(dtype)))
 

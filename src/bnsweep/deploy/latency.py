@@ -26,7 +26,8 @@ def three_models(model: nn.Module, model_cfg: Mapping[str, Any], in_shape: Seque
                  num_classes: int) -> dict[str, nn.Module]:
     """The trained BN model, its folded copy, and the same architecture built without any BN."""
     cfg = copy.deepcopy(dict(model_cfg))
-    cfg["bn"] = {**dict(cfg.get("bn") or {}), "placement": "none", "input": False}
+    cfg["norm"] = {**dict(cfg.get("norm") or {}), "kind": "none", "input": False}
+    cfg["bn"] = {**dict(cfg.get("bn") or {}), "placement": "none", "input": False}  # a file's old form, if any
     nobn = build_model(cfg, in_shape, num_classes)  # our classes only: model_cfg comes from a model file
     return {"nobn": nobn.eval(), "bn": model.eval(), "folded": fold_bn(model, in_shape)}
 

@@ -44,6 +44,7 @@ from bnsweep.population.layers import StackedNet
 from bnsweep.population.loop import device_of, eval_chunk, run_population
 from bnsweep.population.optim import StackedOptimizer
 from bnsweep.training.data import InMemoryDataModule
+from bnsweep.training.lr_scaling import effective_lr, make_optimizer, optimizer_options
 from bnsweep.training.run import run_training
 
 log = logging.getLogger("bnsweep.population")
@@ -114,11 +115,11 @@ class Candidate:
         models = _models(cfg, dm, k, device)
         if k == 1:
             self.net: torch.nn.Module = models[0]
-            self.opt = instantiate(cfg.optimizer)(self.net.parameters())
+            self.opt = make_optimizer(cfg)(self.net.parameters())
         else:
             self.net = StackedNet(models).to(device)
-            opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
-            self.opt = StackedOptimizer(list(self.net.parameters()), opt, torch.full((k,), float(cfg.optimizer.lr)))
+            self.opt = StackedOptimizer(list(self.net.parameters()), optimizer_options(cfg),
+                                        torch.full((k,), effective_lr(cfg)))
         chunk = eval_chunk(dm.eval_batch_size, k) if k > 1 else dm.eval_batch_size  # as the population evaluates
         self.eval_x = self.x[:chunk].to(device)
 

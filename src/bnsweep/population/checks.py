@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from bnsweep.errors import ConfigError
 from bnsweep.population.optim import check_options
+from bnsweep.training.lr_scaling import optimizer_options
 
 AUTO = "auto"  # population=auto: each worker measures the fastest K on its machine (population/auto.py)
 
@@ -28,7 +29,10 @@ def check(cfg: DictConfig) -> None:
     if cfg.train.get("diagnostics"):
         raise ConfigError("train.diagnostics=true is not allowed with population training (its hooks watch one "
                           "network); run this sweep with population=1")
+    if "ResNet" in str(cfg.model.get("_target_")):
+        raise ConfigError("model=resnet is not allowed with population training, which stacks MLPs (plain or "
+                          "residual) and CNNs layer by layer; run this sweep with population=1")
     if str(cfg.trainer.get("precision", "32-true")) not in ("32-true", "32"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not allowed with population training; "
                           "use 32-true")
-    check_options(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    check_options(optimizer_options(cfg))

@@ -22,6 +22,17 @@ from torch import nn
 
 from bnsweep.errors import ConfigError
 from bnsweep.training.bn_eval import Walk
+from bnsweep.training.models import Residual
+from bnsweep.training.norms import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    GhostBatchNorm1d,
+    GhostBatchNorm2d,
+    batch_renorm,
+    ghost_batch_norm,
+    renorm_limits,
+)
+from bnsweep.training.resnet import BasicBlock
 
 Act = tuple[torch.Tensor, str]  # (tensor, layout)
 
@@ -136,6 +147,70 @@ class StackedBatchNorm(nn.Module):
         return y.view(len(y), k, c).transpose(0, 1).contiguous(), "features"
 
 
+class StackedGhostBatchNorm(StackedBatchNorm):
+    """K ghost batch norms (norms.GhostBatchNorm*): each virtual batch's statistics per member, in one call."""
+
+    def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+        super().__init__(layers)
+        self.virtual_batch = layers[0].virtual_batch
+
+    def forward(self, x: torch.Tensor, layout: str) -> Act:
+        if not self.training:
+            return super().forward(x, layout)
+        self.num_batches_tracked += 1
+        y = ghost_batch_norm(self.channels(x, layout), self.running_mean.view(-1), self.running_var.view(-1),
+                             self.flat("weight"), self.flat("bias"), self.virtual_batch, self.momentum, self.eps)
+        return self._out(y)
+
+    def _out(self, y: torch.Tensor) -> Act:
+        k, c = self.shape
+        if self.spatial:
+            return y, "channels"
+        return y.view(len(y), k, c).transpose(0, 1).contiguous(), "features"
+
+
+class StackedBatchRenorm(StackedGhostBatchNorm):
+    """K batch renorms (norms.BatchRenorm*): r, d per member and channel; r_max, d_max follow the shared step."""
+
+    def __init__(self, layers: Sequence[nn.modules.batchnorm._BatchNorm]) -> None:
+        StackedBatchNorm.__init__(self, layers)
+        self.rmax, self.dmax, self.warmup_steps = layers[0].rmax, layers[0].dmax, layers[0].warmup_steps
+
+    def forward(self, x: torch.Tensor, layout: str) -> Act:
+        if not self.training:
+            return StackedBatchNorm.forward(self, x, layout)
+        # every member has taken the same number of steps (members start together)
+        r_max, d_max = renorm_limits(float(self.num_batches_tracked[0]), self.rmax, self.dmax, self.warmup_steps)
+        self.num_batches_tracked += 1
+        y = batch_renorm(self.channels(x, layout), self.running_mean.view(-1), self.running_var.view(-1),
+                         self.flat("weight"), self.flat("bias"), r_max, d_max, self.momentum, self.eps)
+        return self._out(y)
+
+
+class StackedGroupNorm(nn.Module):
+    """K GroupNorms (layer, group, instance) as one ``group_norm`` with K x G groups over K*C channels."""
+
+    def __init__(self, layers: Sequence[nn.GroupNorm]) -> None:
+        super().__init__()
+        g = layers[0]
+        self.groups, self.c, self.eps, self.k = g.num_groups, g.num_channels, g.eps, len(layers)  # k: StackedNet
+        self.weight, self.bias = _stack(layers, "weight"), _stack(layers, "bias")  # (K, C); None: affine=False
+
+    def forward(self, x: torch.Tensor, layout: str) -> Act:
+        k = self.k
+        spatial = layout in ("images", "channels") or (layout == "shared" and x.dim() == 4)
+        if spatial:
+            y = _channels(x, layout, k)
+        else:
+            y = x.repeat(1, k) if layout == "shared" else x.transpose(0, 1).reshape(x.shape[1], k * self.c)
+        w = None if self.weight is None else self.weight.view(-1)
+        b = None if self.bias is None else self.bias.view(-1)
+        y = F.group_norm(y, k * self.groups, w, b, self.eps)
+        if spatial:
+            return y, "channels"
+        return y.view(len(y), k, self.c).transpose(0, 1).contiguous(), "features"
+
+
 class StackedFlatten(nn.Module):
     def forward(self, x: torch.Tensor, layout: str) -> Act:
         if layout == "shared":
@@ -160,7 +235,9 @@ class Elementwise(nn.Module):
 
 
 STACKED = {nn.Linear: StackedLinear, nn.Conv2d: StackedConv2d, nn.BatchNorm1d: StackedBatchNorm,
-           nn.BatchNorm2d: StackedBatchNorm}
+           nn.BatchNorm2d: StackedBatchNorm, GhostBatchNorm1d: StackedGhostBatchNorm,
+           GhostBatchNorm2d: StackedGhostBatchNorm, BatchRenorm1d: StackedBatchRenorm,
+           BatchRenorm2d: StackedBatchRenorm, nn.GroupNorm: StackedGroupNorm}
 ELEMENTWISE = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.MaxPool2d)
 
 
@@ -183,14 +260,19 @@ class StackedNet(nn.Module):
                 layer = STACKED[type(first)](group)
             elif isinstance(first, ELEMENTWISE):
                 layer = Elementwise(first)
+            elif isinstance(first, Residual):
+                layer = StackedResidual(group)
+            elif isinstance(first, BasicBlock):
+                raise ConfigError("population training stacks MLPs (plain or residual) and CNNs; model=resnet is "
+                                  "not allowed with it: run with population=1")
             else:
                 raise ConfigError(f"population training cannot stack layer {name} ({type(first).__name__})")
             self.layers.append(layer)
         self._set_k()
 
     def _set_k(self) -> None:
-        for layer in self.layers:
-            if isinstance(layer, StackedFlatten):
+        for layer in self.modules():
+            if isinstance(layer, (StackedFlatten, StackedGroupNorm)):
                 layer.k = self.k
 
     def forward(self, x: torch.Tensor, per_member: bool = False) -> torch.Tensor:
@@ -220,10 +302,20 @@ class StackedNet(nn.Module):
         """Member ``i``'s weights and BN statistics as the single model's ``state_dict``."""
         state = {}
         for name, layer in zip(self.names, self.layers, strict=True):
-            own = layer.member_state(i) if isinstance(layer, StackedLinear) else {
+            own = layer.member_state(i) if hasattr(layer, "member_state") else {
                 key: t[i] for key, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]}
             state |= {f"{name}.{key}": t.detach().clone().contiguous() for key, t in own.items()}
         return state
+
+
+class StackedResidual(StackedNet):
+    """K residual MLP blocks (models.Residual): x + block(x), the block's layers stacked as a StackedNet's."""
+
+    def forward(self, x: torch.Tensor, layout: str) -> Act:
+        y, inner = x, layout
+        for layer in self.layers:
+            y, inner = layer(y, inner)
+        return y + x, "features"  # x: (K, B, F), or (B, F) shared by every member (broadcast)
 
 
 # How precise BN (training/bn_eval.py) steps through a population: (tensor, layout) states, stacked BN layers;

@@ -28,20 +28,21 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from bnsweep.config import instantiate
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import check
 from bnsweep.population.layers import WALK, StackedBatchNorm, StackedNet
 from bnsweep.population.optim import StackedOptimizer
 from bnsweep.tracking.runs import RunTracker, flatten
-from bnsweep.training import bn_eval
+from bnsweep.training import bn_eval, trainable
 from bnsweep.training.checks import validate
 from bnsweep.training.data import InMemoryDataModule, MinibatchChunks
+from bnsweep.training.lr_scaling import effective_lr, optimizer_options
 from bnsweep.training.models import param_counts
 from bnsweep.training.pruning import report_check
 from bnsweep.training.run import (
     RunResult,
     abort_tracker,
+    build_model,
     check_metrics,
     close_tracker,
     epoch_metrics,
@@ -205,8 +206,9 @@ class Population:
         self.members, self.active, self.dm, self.on_done = members, list(members), dm, on_done
         self.counts = param_counts(members[0].model)
         self.net = StackedNet([m.model for m in members]).to(device)
-        self.opt = StackedOptimizer(list(self.net.parameters()), OmegaConf.to_container(base.optimizer, resolve=True),
-                                    torch.tensor([float(m.cfg.optimizer.lr) for m in members]))
+        trainable.follow(members[0].model, self.net)  # train.trainable, as each member's single model has it
+        self.opt = StackedOptimizer(trainable.trainable(self.net), optimizer_options(base),
+                                    torch.tensor([effective_lr(m.cfg) for m in members]))
         t = dm.tensors
         self.order = BatchOrder(t["train_x"], t["train_y"], dm.batch_size, [int(m.cfg.data.seed) for m in members])
         self.chunk_steps, self.max_loss = dm.chunk_steps, float(base.train.max_loss)
@@ -389,7 +391,7 @@ def run_population(cfgs: Sequence[DictConfig], *, datamodule: InMemoryDataModule
     members = []
     for i, cfg in enumerate(cfgs):
         pl.seed_everything(int(cfg.seed), workers=False, verbose=False)  # as its single run: same init
-        model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes).to(device)
+        model = build_model(cfg, dm).to(device)
         members.append(Member(i, cfg, model, trial=trials[i] if trials else None,
                               heartbeat=heartbeats[i] if heartbeats else None))
     results: dict[int, RunResult] = {}

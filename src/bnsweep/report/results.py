@@ -19,6 +19,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial
 
+from bnsweep.config import compose
 from bnsweep.stats import ALPHA, Interval, Test, censored_pairs, holm, superiority
 from bnsweep.sweep import table
 from bnsweep.sweep.basin import Basin, basin_diff, study_basin
@@ -88,8 +89,8 @@ POINT_MEASURES = {"saturation": ("act_in", 1), "drift": ("linear_out", 2)}
 
 
 def layer_index(layer: str) -> int:
-    """The number in a layer's name (fc2 -> 2; out -> 0): hidden layers in order."""
-    return int("".join(ch for ch in layer if ch.isdigit()) or 0)
+    """The number in a layer's name (fc2 -> 2, a residual block's res2.fc2 -> 2; out -> 0): hidden layers in order."""
+    return int("".join(ch for ch in layer.rsplit(".", 1)[-1] if ch.isdigit()) or 0)
 
 
 def point_measure(rows: Sequence[dict[str, Any]], key: str) -> float:
@@ -220,7 +221,8 @@ class Layout:
         keys = list(cells[0].labels)
         values = {k: list(dict.fromkeys(c.labels[k] for c in cells)) for k in keys}
         short = short_keys(list(grid_keys))
-        bn = [short[k] for k in grid_keys if k == "model.bn" or k.startswith("model.bn.")]
+        bn = [short[k] for k in grid_keys
+              if k in ("model.bn", "model.norm") or k.startswith(("model.bn.", "model.norm."))]
         row = bn[0] if bn else keys[0]
         others = [k for k in keys if k != row]
         col = "activation" if "activation" in others else (others[0] if others else None)
@@ -327,7 +329,8 @@ def decide_all(comps: Sequence[Comparison], alpha: float = ALPHA) -> None:
 
 
 def comparisons(cells: Sequence[CellResult], layout: Layout) -> tuple[list[Comparison], list[Comparison]]:
-    """Per group: every BN variant vs the baseline, and the BN variants against each other."""
+    """Per group: every BN variant vs the baseline, and the BN variants against each other; where the batch size
+    is a grid factor beside them, also each batch size vs the reference one, per row value (``across``)."""
     vs_base: list[Comparison] = []
     between: list[Comparison] = []
     for g in layout.groups:
@@ -338,5 +341,32 @@ def comparisons(cells: Sequence[CellResult], layout: Layout) -> tuple[list[Compa
             vs_base += [Comparison.of(g, by_row[v], base, layout.row) for v in variants]
         between += [Comparison.of(g, by_row[a], by_row[b], layout.row)
                     for i, a in enumerate(variants) for b in variants[i + 1:]]
+    between += across(cells, layout)
     decide_all([*vs_base, *between])
     return vs_base, between
+
+
+ACROSS = "batch_size"  # a grid factor whose cells are also compared across its values (issue #19)
+
+
+def across(cells: Sequence[CellResult], layout: Layout) -> list[Comparison]:
+    """Each batch size vs the reference one (``optimizer.reference_batch`` where gridded, else the largest), within
+    each value of the row key and of the other keys: how a norm kind fares as the batch shrinks."""
+    key = next((k for k in layout.keys if k != layout.row and k.rsplit(".", 1)[-1] == ACROSS), None)
+    if key is None:
+        return []
+    sizes = layout.values[key]
+    ref = str(compose("train", cells[0].overrides).optimizer.get("reference_batch"))
+    ref = ref if ref in sizes else max(sizes, key=float)
+    out = []
+    for c in cells:
+        if c.labels[key] == ref:
+            continue
+        within = {k: v for k, v in c.labels.items() if k != key}
+        b = next((o for o in cells if o.labels[key] == ref
+                  and {k: v for k, v in o.labels.items() if k != key} == within), None)
+        if b is not None:
+            group = ", ".join(f"{k}={v}" for k, v in within.items())
+            out.append(Comparison(group, c, b, f"{key}={c.labels[key]}", f"{key}={ref}",
+                                  {m: compare(c, b, m) for m, *_ in METRICS}))
+    return out

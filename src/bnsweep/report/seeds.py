@@ -70,11 +70,15 @@ def mismatches(cfg: Any, note: SeedNote, with_bn: bool = True, varies: tuple[str
     """
     from omegaconf import OmegaConf
 
+    from bnsweep.training.norms import canonical, legacy
+
     out = []
     for key, want in {**note.stated, **(note.bn if with_bn else {})}.items():
         if key in varies:
             continue
         have = OmegaConf.select(cfg, key, default="<missing>")
+        if key.startswith("model.bn."):  # the old form: read what the model gets (model.norm, bn keys mapped in)
+            have = legacy(canonical(cfg.model.get("norm"), cfg.model.get("bn")))[key.removeprefix("model.bn.")]
         have = OmegaConf.to_container(have) if OmegaConf.is_config(have) else have
         same = (math.isclose(have, want) if isinstance(want, float) and isinstance(have, (int, float))
                 else have == want)

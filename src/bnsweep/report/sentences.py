@@ -181,7 +181,7 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
              f"closed both edges, with an exact sign-flip test (it lies on a lattice; one seed decides nothing). "
              f"A conclusion is stated only where the p-value, Holm-corrected over every line of the same metric, "
              f"is below 0.05.")
-    for g in layout.groups:
+    for g in dict.fromkeys([*layout.groups, *(c.group for c in between)]):  # then across batch sizes, if any
         comps = [c for c in vs_base if c.group == g]
         others = [c for c in between if c.group == g]
         if not comps and not others:
@@ -191,7 +191,9 @@ def compose(name: str, attrs: dict[str, Any], cells: Sequence[CellResult], layou
             doc.para(f"**{'Does BN help? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
             doc.bullets(sentences(comp, target, KEYS_VS_BASE))
         for comp in others:
-            doc.para(f"**{'Where should BN go? ' if layout.bn else ''}{comp.a_label} vs {comp.b_label}**")
+            across = comp.a_label not in layout.rows  # a batch size vs the reference one (results.across)
+            doc.para(f"**{'Where should BN go? ' if layout.bn and not across else ''}{comp.a_label} vs "
+                     f"{comp.b_label}**")
             doc.bullets(sentences(comp, target, KEYS_BETWEEN))
     if not vs_base and not between:
         doc.para("The grid has a single value per key, so there is nothing to compare.")

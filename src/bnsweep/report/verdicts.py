@@ -28,6 +28,7 @@ from bnsweep.stats import (
     non_inferiority,
     superiority,
 )
+from bnsweep.training.norms import canonical, legacy
 
 LATTICE = {"basin_upper", "basin_width"}  # values on the LR search's lattice (its resolution, in decades)
 RATIO = {"s_per_epoch", "latency"}  # compared as log ratios, shown as ratios
@@ -90,10 +91,12 @@ _BN_CACHE: dict[tuple[str, ...], dict[str, Any]] = {}
 
 
 def bn_of(cell: CellResult) -> dict[str, Any]:
-    """The cell's ``model.bn`` as its overrides compose it (cached: cells are composed once)."""
+    """The cell's normalization as its overrides compose it, with ``placement`` none for kind=none (cached)."""
     key = tuple(cell.overrides)
     if key not in _BN_CACHE:
-        _BN_CACHE[key] = dict(compose("train", list(key)).model.bn)
+        model = compose("train", list(key)).model
+        norm = canonical(model.get("norm"), model.get("bn"))  # the old model.bn keys mapped in, any kind
+        _BN_CACHE[key] = {**norm, **legacy(norm)}
     return _BN_CACHE[key]
 
 

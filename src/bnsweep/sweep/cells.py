@@ -39,7 +39,7 @@ class Cells:
                 self.client.update_run(parent, status="RUNNING")
             attrs = {**self.spec.to_attrs(), "cell": cell.name, "grid": cell.values, "order": i,
                      "overrides": cell.overrides, "mlflow_parent_run_id": parent,
-                     "mlflow_experiment": self.experiment}
+                     "mlflow_experiment": self.experiment, "store_dir": str(self.store_dir)}
             for k, v in attrs.items():
                 if study.user_attrs.get(k) != v:
                     study.set_user_attr(k, v)

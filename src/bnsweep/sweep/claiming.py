@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 
 import optuna
 from mlflow.tracking import MlflowClient
@@ -15,6 +17,18 @@ from bnsweep.sweep.storage import heartbeat_enabled
 from bnsweep.tracking.runs import get_or_create_experiment, mark_killed
 
 log = logging.getLogger("bnsweep.worker")
+# Run in order, in a thread of their own, the moment a stop signal arrives (``worker.stop_on_signals``): the
+# held trials are given back first, before the main thread unwinds the trial (ending its MLflow run KILLED
+# against a busy server can take seconds SLURM does not grant: KillWait, GraceTime). Then e.g. a requeue.
+ON_STOP: list[Callable[[], None]] = []
+STOPPING: list[threading.Thread] = []  # that thread, once started
+
+
+def stopping_now() -> None:
+    """The stop signal's handler: start ``ON_STOP`` in its own thread (not a daemon: the exit waits for it)."""
+    if ON_STOP and not STOPPING:
+        STOPPING.append(threading.Thread(target=lambda: [hook() for hook in ON_STOP], name="stopping"))
+        STOPPING[0].start()
 
 
 class Claiming:
@@ -83,9 +97,18 @@ class Claiming:
                 exp = get_or_create_experiment(client, study.user_attrs["mlflow_experiment"], None)
                 mark_killed(client, exp, study.study_name, lost)
 
+    def give_back_held(self) -> None:
+        """``ON_STOP``: give back the trials this worker trains right now, at once."""
+        held = getattr(self, "holding", None)
+        if held is not None:
+            self.give_back(*held)
+
     def give_back(self, study: optuna.Study, trials: list[optuna.Trial]) -> None:
         """Hand stopped trials back for a retry, if the storage still takes writes (a full disk may not:
         then the driver sees the dead PID and retries them)."""
+        if STOPPING and STOPPING[0] is not threading.current_thread():
+            STOPPING[0].join()  # the stop signal's thread gives them back (give_back_held)
+            return
         for t in trials:
             try:
                 give_back(self.storage, study, t)

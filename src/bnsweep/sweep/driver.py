@@ -18,13 +18,14 @@ import sys
 from collections.abc import Iterator
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.defaults import CONF_DIR
 from bnsweep.errors import check_int, run_app
 from bnsweep.sweep import files, table
+from bnsweep.sweep.definition import parse
 from bnsweep.sweep.launch_local import LocalLauncher
-from bnsweep.sweep.lock import holding, lock_path, owner
+from bnsweep.sweep.lock import database_owner, holding, holding_database, is_postgresql, lock_path, owner
 from bnsweep.sweep.state import Sweep, open_sweep
 from bnsweep.tracking.runs import quick_requests
 
@@ -43,15 +44,24 @@ def stop_on_sigterm() -> Iterator[None]:
 def run(cfg: DictConfig) -> list[dict]:
     quick_requests(check_int("tracking.request_retries", cfg.tracking.request_retries, 0),
                    check_int("tracking.request_timeout_s", cfg.tracking.request_timeout_s, 1))
-    sweep = open_sweep(cfg)
-    lock = lock_path(sweep.store_dir, sweep.spec.name)
-    if cfg.action != "run" and (who := owner(lock)):
-        return sweep.snapshot(who)
+    # a PostgreSQL sweep's lock first: a second driver is refused before it touches MLflow or the studies
+    early = cfg.action == "run" and is_postgresql(cfg.storage or "")
+    name = parse(OmegaConf.to_container(cfg.sweep, resolve=True), list(cfg.overrides or [])).name if early else ""
     try:
-        with holding(lock, sweep.spec.name), stop_on_sigterm():
-            return drive(cfg, sweep)
+        with holding_database(cfg.storage, name) if early else contextlib.nullcontext():
+            sweep = open_sweep(cfg)
+            lock = lock_path(sweep.store_dir, sweep.spec.name)
+            if cfg.action != "run" and (who := owner(lock) or in_database(sweep)):
+                return sweep.snapshot(who)
+            with holding(lock, sweep.spec.name), stop_on_sigterm():
+                return drive(cfg, sweep)
     except KeyboardInterrupt:  # stop_workers has said what happened and how to resume
         sys.exit(130)
+
+
+def in_database(sweep: Sweep) -> str | None:
+    """A PostgreSQL sweep's driver on another host: who holds the sweep's lock in the database."""
+    return database_owner(sweep.storage_url, sweep.spec.name)
 
 
 def drive(cfg: DictConfig, sweep: Sweep) -> list[dict]:

@@ -38,7 +38,8 @@ class Launch:
         uri, credentials = runs.for_workers(self.uri)
         os.environ.update(secret | credentials)
         return ["--storage", storage_url, "--sweep", self.spec.name, "--tracking-uri", uri,
-                "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s)]
+                "--threads", "1", "--heartbeat-s", str(self.heartbeat_s), "--stale-after-s", str(self.stale_after_s),
+                "--storage-wait-s", str(self.storage_wait_s)]
 
     @functools.cached_property
     def ranks(self) -> int:

@@ -8,6 +8,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bnsweep.sweep.slots import live, recover_study, retried, trial_tags
+from bnsweep.tracking import outbox
 from bnsweep.tracking.runs import RUN_NAME_TAG, complete_trial_runs, mark_killed, trial_run_name
 
 log = logging.getLogger("bnsweep.sweep")
@@ -37,7 +38,7 @@ class Recovery:
     def complete_runs(self) -> int:
         """Each finished trial's MLflow run made whole from the storage (see ``complete_trial_runs``):
         what a worker could not send while MLflow was away or slow is completed here."""
-        changed = 0
+        changed = outbox.replay(self.client, self.store_dir)  # first: the runs' own points, where kept
         for study in self.studies:
             parent = study.user_attrs["mlflow_parent_run_id"]
             gone = retried(trials := study.get_trials(deepcopy=False))

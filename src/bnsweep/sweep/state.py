@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
-from bnsweep.defaults import MAX_LOST, RESPAWNS_PER_WORKER, STOP_WAIT_S, worker_count
+from bnsweep.defaults import MAX_LOST, RESPAWNS_PER_WORKER, STOP_WAIT_S, STORAGE_WAIT_S, worker_count
 from bnsweep.errors import ConfigError, check_int, check_range
 from bnsweep.sweep import table
 from bnsweep.sweep.cells import Cells
@@ -53,9 +53,10 @@ class Sweep(Cells, Recovery, Launch, Progress, Summary, Usage):
     max_lost: int = MAX_LOST  # conf/run_sweep.yaml; see slots.poison_slots
     stop_wait_s: float = STOP_WAIT_S
     respawns_per_worker: int = RESPAWNS_PER_WORKER
+    storage_wait_s: float = STORAGE_WAIT_S
 
     def __post_init__(self) -> None:
-        self.storage = open_storage(self.storage_url, self.heartbeat_s, self.stale_after_s)
+        self.storage = open_storage(self.storage_url, self.heartbeat_s, self.stale_after_s, self.storage_wait_s)
         self.client = MlflowClient(self.uri)
         self.experiment = f"sweep-{self.spec.name}"
         self.experiment_id = get_or_create_experiment(
@@ -94,7 +95,8 @@ def open_sweep(cfg: DictConfig) -> Sweep:
         raise ConfigError(f"workers={workers} is not allowed; it must be >= 1")
     limits = {"max_lost": check_int("max_lost", cfg.max_lost, 1),
               "stop_wait_s": float(check_range("stop_wait_s", cfg.stop_wait_s, 0)),
-              "respawns_per_worker": check_int("respawns_per_worker", cfg.respawns_per_worker, 0)}
+              "respawns_per_worker": check_int("respawns_per_worker", cfg.respawns_per_worker, 0),
+              "storage_wait_s": float(check_range("storage_wait_s", cfg.storage_wait_s, 0))}
     launcher = instantiate(cfg.launcher) if cfg.get("launcher") else LocalLauncher(workers)
     store = Path(cfg.tracking.store_dir).resolve()
     url = cfg.storage or default_storage(store, spec.name)

@@ -17,8 +17,9 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S, STORAGE_PASSWORD_ENV
+from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S, STORAGE_PASSWORD_ENV, STORAGE_WAIT_S
 from bnsweep.errors import ConfigError, check_name
+from bnsweep.sweep.outage import PatientRDBStorage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger("bnsweep.storage")
@@ -56,11 +57,13 @@ def with_password(url: str) -> str:
     return url if parsed.password is not None else parsed.set(password=password).render_as_string(hide_password=False)
 
 
-def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> BaseStorage:
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
+                 wait_s: float = STORAGE_WAIT_S) -> BaseStorage:
     """A JournalStorage file (one machine, several processes) or an RDB URL (several machines).
 
     An RDB storage beats every ``heartbeat_s`` while a trial runs; one silent for ``stale_after_s``
-    is failed and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (see ``recover_lost``).
+    is failed and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (see ``recover_lost``). It waits
+    up to ``wait_s`` for a database that is away (a restart), retrying (sweep/outage.py).
     """
     if "://" in url and not url.startswith("journal://"):
         if url.startswith("sqlite"):
@@ -68,8 +71,8 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float 
                               "use a journal file path (the default) or postgresql://...")
         with warnings.catch_warnings():  # "experimental since 2.8": it is what Optuna offers for this
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                with_password(url), heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
+            return PatientRDBStorage(
+                with_password(url), wait_s, heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
                 engine_kwargs={"pool_pre_ping": True})
     path = Path(url.removeprefix("journal://"))

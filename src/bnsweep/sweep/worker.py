@@ -28,10 +28,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import compose, instantiate
-from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
+from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S, STORAGE_WAIT_S
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import population_value
-from bnsweep.sweep.claiming import Claiming
+from bnsweep.sweep.claiming import ON_STOP, Claiming, stopping_now
 from bnsweep.sweep.ddp import Ranks, join_ranks
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.outcomes import Outcomes, disk_full
@@ -52,8 +52,9 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
 
     def __init__(self, storage_url: str, sweep: str, tracking_uri: str, threads: int = 1,
                  seed_offset: int = 0, population: int | str | None = None, heartbeat_s: int = HEARTBEAT_S,
-                 stale_after_s: float = STALE_AFTER_S, recover: bool = False) -> None:
-        self.storage = open_storage(storage_url, heartbeat_s, stale_after_s)
+                 stale_after_s: float = STALE_AFTER_S, recover: bool = False,
+                 storage_wait_s: float = STORAGE_WAIT_S) -> None:
+        self.storage = open_storage(storage_url, heartbeat_s, stale_after_s, storage_wait_s)
         self.population = population  # None: each sweep's own (study attribute "population"); "auto": measured
         self.auto_k: dict[str, int] = {}  # population=auto: the probed K per cell
         self.sweep, self.tracking_uri, self.threads = sweep, tracking_uri, threads
@@ -66,6 +67,7 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
         self.configs: dict[str, DictConfig] = {}
         self.data: dict[str, InMemoryDataModule] = {}
         self.trackers: list = []  # MLflow runs still sending in the background
+        self.holding: tuple[optuna.Study, list[optuna.Trial]] | None = None  # what a stop signal gives back
         self.done = 0
 
     def _with_sampler(self, study: optuna.Study) -> optuna.Study:
@@ -78,7 +80,8 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
             a = study.user_attrs
             self.configs[study.study_name] = compose("train", [
                 *a["overrides"], f"threads={self.threads}", f"tracking.uri={self.tracking_uri}",
-                f"tracking.experiment={a['mlflow_experiment']}"])
+                f"tracking.experiment={a['mlflow_experiment']}",
+                *([f"tracking.store_dir={a['store_dir']}"] if "store_dir" in a else [])])  # the runs' outbox
         return self.configs[study.study_name]
 
     def datamodule(self, cfg: DictConfig) -> InMemoryDataModule:
@@ -105,11 +108,14 @@ class Worker(Claiming, Trials, Running, Outcomes, Ranks):
                         continue
                     break
                 study, trials = nxt
+                self.holding = (study, trials)
                 try:
                     self.run_claimed(study, trials)
                 except BaseException:  # stopped from outside (SIGTERM, Ctrl-C), disk full: give the slots back
                     self.give_back(study, trials)
                     raise
+                finally:
+                    self.holding = None
                 self.done += len(trials)
         finally:
             self.flush()
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                     help=f"PostgreSQL: heartbeat interval of a running trial (default: {HEARTBEAT_S})")
     ap.add_argument("--stale-after-s", type=float, default=STALE_AFTER_S,
                     help=f"a trial silent this long is retried (default: {STALE_AFTER_S:g})")
+    ap.add_argument("--storage-wait-s", type=float, default=STORAGE_WAIT_S,
+                    help=f"PostgreSQL away (a restart): retry this long before stopping (default: {STORAGE_WAIT_S:g})")
     ap.add_argument("--recover", action="store_true",
                     help="stay while trials run elsewhere and retry those whose worker died (cluster jobs)")
     args = ap.parse_args(argv)
@@ -151,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     worker = Worker(args.storage, args.sweep, args.tracking_uri, args.threads, args.seed_offset,
                     population=args.population, heartbeat_s=args.heartbeat_s,
-                    stale_after_s=args.stale_after_s, recover=args.recover)
+                    stale_after_s=args.stale_after_s, recover=args.recover, storage_wait_s=args.storage_wait_s)
+    ON_STOP.insert(0, worker.give_back_held)  # first: then whatever the job adds (launch_slurm: a requeue)
     try:
         n = worker.run(args.max_trials)
     except KeyboardInterrupt:
@@ -172,6 +181,7 @@ def stop_on_signals() -> None:
     def stop(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopping_now()  # the held trials given back from a thread of their own, at once
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
+# Every batch-statistic kind (norms.BATCH_KINDS: BatchNorm, ghost batch, batch renorm, SyncBatchNorm) holds running
+# statistics and uses them at inference; layer/group/instance norms have none: (b) and (c) leave them as they are.
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
     model = copy.deepcopy(model).eval()
     layers = walk.layers(model)
     if sum(map(walk.is_bn, layers)) != sum(map(walk.is_bn, model.modules())):
-        raise TypeError("precise_bn walks the network's top-level layers: every BN must be one of them")
+        return _precise_nested(model, train_x, chunk, walk)
     cached: list[Any] | None = None  # the states entering layers[done], chunk by chunk
     done = 0
     for k, bn in enumerate(layers):
@@ -70,6 +72,28 @@ def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
     return model
 
 
+@torch.no_grad()
+def _precise_nested(model: nn.Module, train_x: torch.Tensor, chunk: int, walk: Walk = Walk()) -> nn.Module:
+    """precise_bn for a network with BN inside blocks (residual MLP, ResNet): one eval-mode pass over the
+    training set per BN, in network order, reading its input with a hook (earlier BNs already hold theirs)."""
+    for bn in [m for m in model.modules() if walk.is_bn(m)]:
+        seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
+
+        def record(m: nn.Module, args: tuple, seen: list = seen) -> None:
+            seen.append(_moments(walk.channels(m, args[0] if len(args) == 1 else args)))  # a population: (x, layout)
+
+        hook = bn.register_forward_pre_hook(record)
+        try:
+            for x in train_x.split(chunk):
+                model(x)
+        finally:
+            hook.remove()
+        mean, var = _combine(seen)
+        for buf, value in ((bn.running_mean, mean), (bn.running_var, var)):
+            buf.view(-1, value.numel()).copy_(value.to(buf.dtype))  # (stacked: one row per member, or all alike)
+    return model
+
+
 def _run(walk: Walk, layers: Sequence[nn.Module], state: Any) -> Any:
     for layer in layers:
         state = walk.step(layer, state)
@@ -83,12 +107,18 @@ def _nbytes(state: Any) -> int:
 
 def _channel_statistics(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and unbiased variance over a list of chunks (dim 1 is the channel)."""
-    parts: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (count, mean, M2) per chunk
-    for x in inputs:
-        dims = [0, *range(2, x.dim())]
-        n = x.numel() / x.shape[1]
-        mean = x.sum(dims, keepdim=True) / n  # (torch.var_mean is 50x slower here on CPU)
-        parts.append((n, mean.flatten().double(), (x - mean).square().sum(dims).double()))
+    return _combine([_moments(x) for x in inputs])
+
+
+def _moments(x: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(count, mean, M2) per channel of one chunk, in float64."""
+    dims = [0, *range(2, x.dim())]
+    n = x.numel() / x.shape[1]
+    mean = x.sum(dims, keepdim=True) / n  # (torch.var_mean is 50x slower here on CPU)
+    return n, mean.flatten().double(), (x - mean).square().sum(dims).double()
+
+
+def _combine(parts: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     n, mean, m2 = parts[0]
     for n_b, mean_b, m2_b in parts[1:]:  # Chan et al.'s pairwise update: stable in one pass
         delta, total = mean_b - mean, n + n_b

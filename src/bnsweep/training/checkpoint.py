@@ -16,6 +16,7 @@ from torch import nn
 
 from bnsweep.errors import ConfigError
 from bnsweep.training.models import CNN, MLP
+from bnsweep.training.resnet import ResNet
 
 FORMAT = "bnsweep-model/1"
 ARTIFACT = "model.pt"
@@ -23,7 +24,8 @@ ARTIFACT = "model.pt"
 MOVED = {"bnsweep.models.MLP": "bnsweep.training.models.MLP", "bnsweep.models.CNN": "bnsweep.training.models.CNN"}
 # The only classes a model file may name: a checkpoint can come from anyone who can log an MLflow
 # artifact, so its `_target_` is looked up here, never imported or Hydra-instantiated.
-MODELS: dict[str, type[nn.Module]] = {"bnsweep.training.models.MLP": MLP, "bnsweep.training.models.CNN": CNN}
+MODELS: dict[str, type[nn.Module]] = {"bnsweep.training.models.MLP": MLP, "bnsweep.training.models.CNN": CNN,
+                                      "bnsweep.training.resnet.ResNet": ResNet}
 # Hydra's own keys in a model config node: how to build it, not arguments of the model.
 HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_")
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnsweep.training.bn_eval import batch_sums, evaluate, mean_loss_and_accuracy
+from bnsweep.training.trainable import trainable
 
 Chunk = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -57,7 +58,7 @@ class ClassifierModule(pl.LightningModule):
         return self.model(x)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.make_optimizer(self.model.parameters())
+        return self.make_optimizer(trainable(self.model))  # train.trainable: frozen ones stay out
 
     # ------------------------------------------------------------------ training
 

@@ -82,7 +82,8 @@ class Diagnostics(pl.Callback):
     # ------------------------------------------------------------------ hooks
 
     def on_fit_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        children = dict(module.model.named_children())
+        # every module, nested ones by dotted name (a residual block's ``res2.fc2``, a ResNet's ``stage1_block1.conv1``)
+        children = dict(module.model.named_modules())
         for name, child in children.items():
             if not isinstance(child, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 continue

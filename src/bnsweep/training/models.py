@@ -1,11 +1,13 @@
-"""MLPs and CNNs whose BN placement, activation and weight init are config keys.
+"""MLPs and CNNs whose normalization (kind, placement), activation and weight init are config keys.
 
-A hidden block is ``layer -> [BN] -> activation -> [BN]``: ``before_act`` normalizes the
-pre-activation (Ioffe & Szegedy), ``after_act`` the activation (the seeds' Keras code).
-``bn.input`` adds BN on the raw input. A Linear/Conv directly followed by BN has no bias:
-BN subtracts the mean, so the bias would be dead weight and BN's beta takes its place
-(``bn.keep_bias=true`` keeps it anyway, to measure that claim). ``bn.affine=false`` builds every BN
-without its learned gamma/beta (pure normalization), to measure what they add.
+A hidden block is ``layer -> [norm] -> activation -> [norm]``: ``before_act`` normalizes the
+pre-activation (Ioffe & Szegedy), ``after_act`` the activation (the seeds' Keras code). The norm layer
+is ``model.norm.kind`` (norms.py; the old ``model.bn.*`` keys map to it there). ``norm.input`` adds a norm
+on the raw input. A Linear/Conv directly followed by a norm has no bias: every kind subtracts a mean,
+so the bias would be dead weight and beta takes its place (``norm.keep_bias=true`` keeps it anyway, to
+measure that claim). ``norm.affine=false`` builds every norm without its learned gamma/beta (pure
+normalization), to measure what they add. Norm layers keep the names ``<layer>_bn`` / ``<layer>_act_bn`` /
+``input_bn`` whatever their kind, so checkpoints written before the kinds existed still load.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnsweep.errors import ConfigError, check_bool, check_choice, check_range
+from bnsweep.errors import ConfigError, check_bool, check_choice, check_int, check_range
+from bnsweep.training.norms import canonical, make_norm
 
-PLACEMENTS = ("none", "before_act", "after_act")
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
     "tanh": nn.Tanh,
@@ -31,8 +33,6 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 INITS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "lecun_normal", "normal",
          "torch_default")
-BN_DEFAULTS = {"placement": "none", "input": False, "momentum": 0.01, "eps": 1e-3, "affine": True,
-               "keep_bias": False}
 
 
 def init_std(init: str, fan_in: int, fan_out: int, std: float = 0.05) -> float:
@@ -76,34 +76,38 @@ class BNNet(nn.Sequential):
     """Shared builder: validation, hidden blocks and initialization for MLP and CNN."""
 
     def __init__(self, activation: str, act_args: Mapping[str, Any] | None, init: str,
-                 init_std: float, output_init: str, bn: Mapping[str, Any] | None) -> None:
+                 init_std: float, output_init: str, norm: Mapping[str, Any] | None,
+                 bn: Mapping[str, Any] | None) -> None:
         super().__init__()
-        self.bn_cfg = {**BN_DEFAULTS, **dict(bn or {})}
-        unknown = set(self.bn_cfg) - set(BN_DEFAULTS)
-        if unknown:
-            raise ConfigError(f"model.bn has unknown key(s) {sorted(unknown)}; allowed: "
-                              f"{', '.join(BN_DEFAULTS)}")
-        self.placement = check_choice("model.bn.placement", self.bn_cfg["placement"], PLACEMENTS)
-        check_range("model.bn.momentum", self.bn_cfg["momentum"], 0, 1, low_open=True)
-        check_range("model.bn.eps", self.bn_cfg["eps"], 0, low_open=True)
-        for key in ("affine", "keep_bias"):
-            check_bool(f"model.bn.{key}", self.bn_cfg[key])
+        self.norm_cfg = canonical(norm, bn)
+        self.kind = self.norm_cfg["kind"]
+        self.placement = "none" if self.kind == "none" else self.norm_cfg["placement"]
         self.activation = check_choice("model.activation", activation, ACTIVATIONS)
         self.init = check_choice("model.init", init, INITS)
         self.output_init = check_choice("model.output_init", output_init, INITS)
         self.init_std = check_range("model.init_std", init_std, 0, low_open=True)
         self.act_args = act_args
 
-    def _bn(self, kind: type[nn.Module], width: int) -> nn.Module:
-        return kind(width, eps=self.bn_cfg["eps"], momentum=self.bn_cfg["momentum"], affine=self.bn_cfg["affine"])
+    def _norm(self, width: int, spatial: bool, where: str, kind: str | None = None) -> nn.Module:
+        return make_norm(self.norm_cfg, width, spatial, where, kind)
 
-    def _block(self, tag: str, layer: nn.Module, width: int, bn_kind: type[nn.Module]) -> None:
-        self.add_module(f"{tag}", layer)
-        if self.placement == "before_act":
-            self.add_module(f"{tag}_bn", self._bn(bn_kind, width))
-        self.add_module(f"{tag}_act", make_activation(self.activation, self.act_args))
-        if self.placement == "after_act":
-            self.add_module(f"{tag}_act_bn", self._bn(bn_kind, width))
+    def _input_norm(self, width: int, spatial: bool) -> None:
+        """``norm.input``: the model's kind on the raw input (BatchNorm when kind=none, as bn.input was)."""
+        if self.norm_cfg["input"]:
+            kind = "batch" if self.kind == "none" else self.kind
+            self.add_module("input_bn", self._norm(width, spatial, "the input (model.norm.input=true)", kind))
+
+    def _block(self, tag: str, layer: nn.Module, width: int, spatial: bool, normed: bool = True,
+               into: nn.Sequential | None = None) -> None:
+        """layer -> [norm] -> act -> [norm], added to ``into`` (default: this network)."""
+        into = self if into is None else into
+        into.add_module(f"{tag}", layer)
+        where = f"{tag} ({width} {'channels' if spatial else 'units'})"
+        if normed and self.placement == "before_act":
+            into.add_module(f"{tag}_bn", self._norm(width, spatial, where))
+        into.add_module(f"{tag}_act", make_activation(self.activation, self.act_args))
+        if normed and self.placement == "after_act":
+            into.add_module(f"{tag}_act_bn", self._norm(width, spatial, where))
         init_layer(layer, self.init, self.init_std)
 
     def _output(self, in_features: int, num_classes: int) -> None:
@@ -112,60 +116,103 @@ class BNNet(nn.Sequential):
 
     @property
     def hidden_bias(self) -> bool:
-        """Whether hidden Linear/Conv layers have a bias: not where BN follows, unless ``bn.keep_bias``."""
-        return self.placement != "before_act" or self.bn_cfg["keep_bias"]
+        """Whether hidden Linear/Conv layers have a bias: not where a norm follows (every kind subtracts a mean,
+        so the bias is dead weight and beta takes its place), unless ``norm.keep_bias``."""
+        return self.placement != "before_act" or self.norm_cfg["keep_bias"]
+
+
+def hidden_widths(hidden: Sequence[int], depth: int | None, width: int | None) -> list[int]:
+    """``model.depth``/``model.width`` as shorthand for ``model.hidden``: ``[width] * depth``; depth alone keeps
+    hidden's first width, width alone keeps hidden's number of layers."""
+    if depth is not None:
+        check_int("model.depth", depth, 1)
+    if width is not None:
+        check_int("model.width", width, 1)
+    if depth is None and width is None:
+        return list(hidden)
+    d = len(hidden) if depth is None else depth
+    w = width if width is not None else (hidden[0] if hidden else 100)
+    return [w] * d
+
+
+class Residual(nn.Sequential):
+    """x + block(x): an identity skip around one same-width MLP block (model.residual=true)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
 
 
 class MLP(BNNet):
-    """Flatten -> [input BN] -> hidden blocks -> Linear logits (softmax lives in the loss)."""
+    """Flatten -> [input norm] -> hidden blocks -> Linear logits (softmax lives in the loss).
+
+    ``residual=true``: every hidden block whose width equals its input's is wrapped in an identity skip
+    (``res{i}``: x + act(norm(fc(x)))); a block that changes the width (the first, from the input) has none.
+    """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (300, 100),
                  activation: str = "relu", act_args: Mapping[str, Any] | None = None,
                  init: str = "he_normal", init_std: float = 0.05,
-                 output_init: str = "glorot_uniform", bn: Mapping[str, Any] | None = None) -> None:
-        super().__init__(activation, act_args, init, init_std, output_init, bn)
+                 output_init: str = "glorot_uniform", norm: Mapping[str, Any] | None = None,
+                 bn: Mapping[str, Any] | None = None, depth: int | None = None, width: int | None = None,
+                 residual: bool = False) -> None:
+        super().__init__(activation, act_args, init, init_std, output_init, norm, bn)
+        hidden = hidden_widths(hidden, depth, width)
         for i, w in enumerate(hidden):
             check_range(f"model.hidden[{i}]", w, 1)
+        self.residual = check_bool("model.residual", residual)
         width = math.prod(in_shape)
         self.add_module("flatten", nn.Flatten())
-        if self.bn_cfg["input"]:
-            self.add_module("input_bn", self._bn(nn.BatchNorm1d, width))
+        self._input_norm(width, False)
         for i, w in enumerate(hidden, 1):
-            self._block(f"fc{i}", nn.Linear(width, w, bias=self.hidden_bias), w, nn.BatchNorm1d)
+            fc = nn.Linear(width, w, bias=self.hidden_bias)
+            if residual and w == width:
+                block = Residual()
+                self._block(f"fc{i}", fc, w, False, into=block)
+                self.add_module(f"res{i}", block)
+            else:
+                self._block(f"fc{i}", fc, w, False)
             width = w
         self._output(width, num_classes)
 
 
 class CNN(BNNet):
-    """[input BN] -> conv blocks (3x3 conv, BN/act, 2x2 max-pool) -> dense blocks -> logits.
+    """[input norm] -> conv blocks (3x3 conv, norm/act, 2x2 max-pool) -> dense blocks -> logits.
 
-    Works for 28x28x1 and 32x32x3 inputs; each block halves the spatial size.
+    Works for 28x28x1 and 32x32x3 inputs; each block halves the spatial size. With kind=instance only the
+    conv blocks are normalized (instance norm of a dense unit is a constant): dense blocks keep their bias.
     """
 
     def __init__(self, in_shape: Sequence[int], num_classes: int,
                  channels: Sequence[int] = (32, 64), hidden: Sequence[int] = (128,),
                  activation: str = "relu", act_args: Mapping[str, Any] | None = None,
                  init: str = "he_normal", init_std: float = 0.05,
-                 output_init: str = "glorot_uniform", bn: Mapping[str, Any] | None = None) -> None:
-        super().__init__(activation, act_args, init, init_std, output_init, bn)
+                 output_init: str = "glorot_uniform", norm: Mapping[str, Any] | None = None,
+                 bn: Mapping[str, Any] | None = None, depth: int | None = None, width: int | None = None,
+                 residual: bool = False) -> None:
+        super().__init__(activation, act_args, init, init_std, output_init, norm, bn)
+        if check_bool("model.residual", residual):
+            raise ConfigError("model.residual=true is not allowed with model=cnn; allowed with model=mlp "
+                              "(the residual CNN is model=resnet)")
+        hidden = hidden_widths(hidden, depth, width)
         c, h, w = in_shape
         if h >> len(channels) < 1:
             raise ConfigError(f"model.channels={list(channels)}: {len(channels)} pooling blocks "
                               f"shrink a {h}x{w} input to nothing; use at most "
                               f"{int(math.log2(h))} blocks")
-        if self.bn_cfg["input"]:
-            self.add_module("input_bn", self._bn(nn.BatchNorm2d, c))
+        self._input_norm(c, True)
         for i, ch in enumerate(channels, 1):
             check_range(f"model.channels[{i - 1}]", ch, 1)
             conv = nn.Conv2d(c, ch, 3, padding=1, bias=self.hidden_bias)
-            self._block(f"conv{i}", conv, ch, nn.BatchNorm2d)
+            self._block(f"conv{i}", conv, ch, True)
             self.add_module(f"conv{i}_pool", nn.MaxPool2d(2))
             c, h, w = ch, h // 2, w // 2
         self.add_module("flatten", nn.Flatten())
         width = c * h * w
+        dense_normed = self.kind != "instance"
         for i, hw in enumerate(hidden, 1):
             check_range(f"model.hidden[{i - 1}]", hw, 1)
-            self._block(f"fc{i}", nn.Linear(width, hw, bias=self.hidden_bias), hw, nn.BatchNorm1d)
+            bias = self.hidden_bias or not dense_normed
+            self._block(f"fc{i}", nn.Linear(width, hw, bias=bias), hw, False, normed=dense_normed)
             width = hw
         self._output(width, num_classes)
 

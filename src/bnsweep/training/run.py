@@ -25,11 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 
 from bnsweep.config import instantiate
-from bnsweep.defaults import CONF_DIR
+from bnsweep.defaults import CONF_DIR, FLUSH_S
 from bnsweep.errors import redact, run_app
 from bnsweep.tracking.runs import RunTracker, flatten, git_commit, resolve_uri
 from bnsweep.tracking.server import check_reachable
-from bnsweep.training import bn_eval, checkpoint
+from bnsweep.training import bn_eval, checkpoint, lr_scaling, trainable
 from bnsweep.training.checks import validate
 from bnsweep.training.classifier import CheckCallback, ClassifierModule, TrainingDiverged
 from bnsweep.training.convergence import Check, convergence_metrics
@@ -115,6 +115,12 @@ def build_datamodule(cfg: DictConfig) -> InMemoryDataModule:
     return instantiate(cfg.data)
 
 
+def build_model(cfg: DictConfig, dm: InMemoryDataModule) -> torch.nn.Module:
+    """The run's model, initialized (seed first), with ``train.trainable``'s parameters alone trainable."""
+    model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
+    return trainable.apply(model, cfg.train.get("trainable", "all"))
+
+
 def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataModule, test_acc: float,
                       precise: tuple[float, float] | None = None) -> dict[str, float]:
     """Test metrics with population and small-batch BN statistics (see bn_eval.py).
@@ -136,17 +142,19 @@ def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataM
 def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background: bool,
                 tags: dict[str, str] | None = None) -> RunTracker:
     return RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"), tags=tags,
-                               parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background)
+                      parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background,
+                      flush_s=cfg.tracking.get("flush_s", FLUSH_S))
 
 
 def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, model: torch.nn.Module,
               device: torch.device) -> None:
-    """Params, provenance tags and parameter counts (sent with the first epoch), config/summary artifacts.
+    """Params, provenance tags and parameter counts (sent with the first flush), config/summary artifacts.
 
     The caller's own tags (trial, study) went with ``create_run`` already (``new_tracker``).
     """
-    tracker.stage(  # sent with the first epoch's metrics: one request fewer
-        params={**flatten(OmegaConf.to_container(cfg, resolve=True)), "val_every": cfg.train.get("val_every")},
+    tracker.stage(  # sent with the first flush: one request fewer
+        params={**flatten(OmegaConf.to_container(cfg, resolve=True)), "val_every": cfg.train.get("val_every"),
+                "lr_effective": lr_scaling.effective_lr(cfg)},  # optimizer.lr after optimizer.lr_scaling
         tags={"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
               "data_source": dm.origin, "torch_version": torch.__version__,
               "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)},
@@ -242,8 +250,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     uri, dm = prepare(cfg, datamodule, track)
 
     pl.seed_everything(int(cfg.seed), workers=False, verbose=False)
-    model = instantiate(cfg.model, in_shape=dm.in_shape, num_classes=dm.num_classes)
-    module = ClassifierModule(model, instantiate(cfg.optimizer), max_loss=cfg.train.max_loss,
+    model = build_model(cfg, dm)
+    module = ClassifierModule(model, lr_scaling.make_optimizer(cfg), max_loss=cfg.train.max_loss,
                               val_every=cfg.train.get("val_every"), train_size=epoch_size(dm)[0])
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
     # The caller's tags (trial, study) go with create_run, so even a run killed in its first
@@ -251,7 +259,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     tracker = new_tracker(cfg, uri, parent_run_id, background_logging, tags) if track else None
     if tracker:
         all_callbacks.insert(0, CheckLogger(tracker))  # a check is logged even when a pruner stops the run there
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks)
+    # model.norm.sync: Lightning swaps every BatchNorm for SyncBatchNorm under DDP (checks.py allows it for kind=batch)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks, sync_batchnorm=model.norm_cfg["sync"])
     device = trainer.strategy.root_device
     model.to(device)
     counts = param_counts(model)
