@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline dataset mirror beside this checkout, when there is one (env wins).
 export BNSWEEP_DATA_MIRROR ?= $(abspath $(wildcard ../shared/data))
 
-.PHONY: setup sweep sweep-slurm report claims train test test-cluster bench bench-peers ui optuna-ui down lint clean chromium
+.PHONY: setup sweep sweep-slurm report claims train test test-fast test-cluster bench bench-peers ui optuna-ui down lint clean chromium
 
 setup: $(STAMP)
 
@@ -42,6 +42,10 @@ train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 test: $(STAMP)  ## the whole suite, CPU only; starts (and stops) its own MLflow server
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q -m "not cluster" $(ARGS)  # tests/cluster: make test-cluster
+
+test-fast: $(STAMP)  ## the edit loop (< 3 min): every test that starts no process, server or sweep
+	$(PY) -m ruff check src tests
+	$(PY) -m pytest -q -m "not cluster and not slow" $(ARGS)
 
 # A SLURM cluster of 3 nodes on this machine (munge, slurmctld, a slurmd per node, slurmdbd over MariaDB) and
 # PostgreSQL, started by the project's scripts (Debian packages installed when missing) and always stopped after.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +14,20 @@ from bnsweep.tracking.server import MlflowServer
 
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests choose their store explicitly
+
+# What makes a test slow here: a real server or sweep (these fixtures), or a process it starts (~8 s of imports
+# each on 2 cores). `make test-fast` (-m "not slow") runs the rest: the edit loop, in under 3 minutes.
+SLOW_FIXTURES = {"mlflow_server", "tiny_sweep", "auth_server", "installed"}
+SLOW_CALLS = ("cli(", ' run("', "bench(", "subprocess.", "Popen(", "claim_race(", "tiny_population_sweep(",
+              "spawn_worker(", "run_training(", "run_population(", "auto.choose(")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``slow`` every test that uses a slow fixture or calls something that starts a process or trains."""
+    for item in items:
+        source = inspect.getsource(item.function) if hasattr(item, "function") else ""
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(c in source for c in SLOW_CALLS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -22,11 +22,27 @@ def ratio(out: str, label: str) -> float:
     return float(found.group(1))
 
 
+def rate(out: str, label: str) -> float:
+    """The trials/hour printed after ``label``."""
+    found = re.search(rf"{re.escape(label)}\s+([0-9]+) trials/hour", out)
+    assert found, f"no '{label}' rate in:\n{out}"
+    return float(found.group(1))
+
+
+def agrees(printed: float, a: float, b: float) -> bool:
+    """A printed ratio (2 decimals) is a / b of the rates printed beside it (whole trials/hour)."""
+    return printed == pytest.approx(a / b, rel=0.02 + 1 / min(a, b), abs=0.006)
+
+
 def test_population_section_runs_auto_against_fixed_k() -> None:
     out = bench("--only", "population", "--sizes", "1,2", "--cpu")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert re.search(r"population=auto: K=\d+ after a [0-9.]+ s probe \(K=1 ", out.stdout), out.stdout
-    assert ratio(out.stdout, "ratio auto / best fixed K") > 0
+    auto = re.search(r"population=auto: K=(\d+) after a [0-9.]+ s probe \(K=1 ", out.stdout)
+    fixed = re.search(r"ratio auto / best fixed K \(K=(\d+)\)", out.stdout)
+    assert auto and fixed, out.stdout
+    rates = {k: rate(out.stdout, f"K={k}") for k in (1, 2)}
+    assert rates[int(fixed.group(1))] == max(rates.values())  # the best fixed K is the fastest measured
+    assert agrees(ratio(out.stdout, "ratio auto / best fixed K"), rates[int(auto.group(1))], max(rates.values()))
     assert re.search(r"K=1 .* of matmul peak \(floor [0-9.]+ s\)", out.stdout)
 
 
@@ -37,9 +53,12 @@ def test_peers_section_prints_both_peers_and_our_ratio(monkeypatch: pytest.Monke
     monkeypatch.setenv("BNSWEEP_KERAS_PYTHON", sys.executable)
     out = bench("--only", "peers")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ratio(out.stdout, "ratio bnsweep / canonical Lightning") > 0
-    assert ratio(out.stdout, "ratio bnsweep / Optuna+Lightning+MLflow") > 0
-    assert re.search(r"Optuna study.optimize\(n_jobs=2\) \+ MLflow fluent\s+\d+ trials/hour", out.stdout)
+    assert agrees(ratio(out.stdout, "ratio bnsweep / canonical Lightning"),
+                  rate(out.stdout, "bnsweep full stack (run_training)"),
+                  rate(out.stdout, "canonical Lightning + torchvision DataLoader"))
+    assert agrees(ratio(out.stdout, "ratio bnsweep / Optuna+Lightning+MLflow"),
+                  rate(out.stdout, "bnsweep sweep (2 workers)"),
+                  rate(out.stdout, "Optuna study.optimize(n_jobs=2) + MLflow fluent"))
     assert "seeds' Keras code: skipped (the Keras run failed" in out.stdout
 
 

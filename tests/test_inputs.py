@@ -11,8 +11,11 @@ import pytest
 import torch
 from helpers import assert_one_line_error, bnsweep_cli, studies_of
 
+from bnsweep.config import compose
 from bnsweep.errors import ConfigError, check_bool, check_int
 from bnsweep.sweep.changes import differences
+from bnsweep.sweep.definition import parse
+from bnsweep.training.checks import validate
 from bnsweep.training.data import CACHE_NAME, DataError, acquire
 
 
@@ -24,16 +27,21 @@ def mirror() -> Path:
     return path
 
 
+def one_line(error: pytest.ExceptionInfo, *parts: str) -> None:
+    """What ``bnsweep`` prints as its one ``error:`` line (``run_app``), checked without starting a process."""
+    assert "\n" not in str(error.value) and all(p in str(error.value) for p in parts), str(error.value)
+
+
 @pytest.mark.parametrize(("arg", "parts"), [
     ("data.batch_size=32.5", ("data.batch_size=32.5", "integer")),
     ("model.bn.input=no", ("model.bn.input='no'", "true or false")),
     ("data.standardize=1", ("data.standardize=1", "true or false")),
     ("model.hidden=[64.5]", ("model.hidden[0]=64.5", "integer")),
 ])
-def test_bad_train_input_is_one_line(tmp_path: Path, arg: str, parts: tuple[str, ...]) -> None:
-    result = bnsweep_cli("train", arg, f"tracking.store_dir={tmp_path / 'mlruns'}", cwd=tmp_path)
-    assert_one_line_error(result, *parts)
-    assert not (tmp_path / "mlruns").exists()  # refused before anything ran
+def test_bad_train_input_is_one_line(arg: str, parts: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate(compose("train", [arg]))
+    one_line(error, *parts)
 
 
 @pytest.mark.parametrize(("arg", "parts"), [
@@ -41,10 +49,20 @@ def test_bad_train_input_is_one_line(tmp_path: Path, arg: str, parts: tuple[str,
     ("sweep.repeats=1.5", ("sweep.repeats=1.5", "integer >= 0")),
     ("sweep.name=../../outside", ("sweep.name='../../outside'", "letters, digits")),  # a path out of the store
 ])
-def test_bad_sweep_input_is_one_line(tmp_path: Path, arg: str, parts: tuple[str, ...]) -> None:
-    result = bnsweep_cli("sweep", "sweep=tiny", arg, f"tracking.store_dir={tmp_path / 'mlruns'}", cwd=tmp_path)
-    assert_one_line_error(result, *parts)
-    assert not [p for p in tmp_path.parent.iterdir() if p.name == "outside"]  # nothing written beside tmp_path
+def test_bad_sweep_input_is_one_line(arg: str, parts: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse(compose("run_sweep", ["sweep=tiny", arg]).sweep)
+    one_line(error, *parts)
+
+
+def test_bad_input_through_the_cli_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    """The real commands print those errors as one line, before anything is written (one process each)."""
+    result = bnsweep_cli("train", "data.batch_size=32.5", f"tracking.store_dir={tmp_path / 'mlruns'}", cwd=tmp_path)
+    assert_one_line_error(result, "data.batch_size=32.5", "integer")
+    result = bnsweep_cli("sweep", "sweep=tiny", "sweep.name=../../outside", f"tracking.store_dir={tmp_path / 'mlruns'}",
+                         cwd=tmp_path)
+    assert_one_line_error(result, "sweep.name='../../outside'", "letters, digits")
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path.parent.parent / "outside").exists()
 
 
 def test_checks_refuse_rather_than_truncate_or_guess() -> None:

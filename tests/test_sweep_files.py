@@ -38,7 +38,8 @@ def test_a_sweep_file_by_path_runs_from_any_folder(tmp_path: Path, mlflow_server
     studies = studies_of(tmp_path, "t_mine")
     assert sorted(s.study_name for s in studies) == ["t_mine/activation=relu", "t_mine/activation=tanh"]
     assert all(len(s.trials) == 2 for s in studies)
-    assert "t_mine" in out.stdout and not list(tmp_path.glob("bnsweep-sweep-*"))
+    assert "Table: reports/t_mine/summary.{md,csv}" in out.stdout  # the file's own sweep, not the built-in
+    assert not list(tmp_path.glob("bnsweep-sweep-*"))
 
 
 def test_a_sweep_file_in_the_folders_sweeps_is_found_by_name(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import quiet_lightning, run_training
 
 SECTIONS = ["training", "validation", "sweep", "latency", "norms", "population", "peers", "tracking"]
-QUICK_TRAIN = 2000  # --quick: training images per run
+QUICK_TRAIN = 1000  # --quick: training images per run (a smoke run: the ratios mean little)
 
 
 def bare_epochs(dm: InMemoryDataModule, cfg, epochs: int) -> list[float]:
