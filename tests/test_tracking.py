@@ -79,7 +79,8 @@ def test_points_logged_while_mlflow_is_unreachable_are_replayed_from_the_outbox(
     away.close()  # warns: the server did not answer
     assert len(list(outbox.folder(tmp_path).glob("*.jsonl"))) == 1
 
-    assert outbox.replay(client, tmp_path) == 1  # MLflow answers again
+    assert outbox.replay(MlflowClient("http://127.0.0.1:8"), tmp_path) == 0  # another server's: left alone
+    assert outbox.replay(client, tmp_path, uri="http://127.0.0.1:9") == 1  # MLflow answers again (elsewhere)
     (run,) = client.search_runs([get_or_create_experiment(client, "t-outbox", None)],
                                 "tags.`optuna.trial_id` = 'away'")
     assert run.info.status == "FINISHED" and run.info.run_name == "away"

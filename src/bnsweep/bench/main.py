@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default=None, help="population sizes, e.g. 1,8,32 (default; 1,8,32,128 on a GPU)")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the population sizes")
     ap.add_argument("--pop-epochs", type=int, default=1, help="epochs per trial in the population bench")
+    ap.add_argument("--levels", default=None, help="tracking: trials at once, e.g. 1,4,16 (default 1,2,4,...,64)")
     ap.add_argument("--cpu", action="store_true", help="population bench on the CPU even when a GPU is there")
     ap.add_argument("--quick", action="store_true",
                     help=f"a smoke run of every section at minimal sizes ({QUICK_TRAIN} training images; "
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in (None, "tracking"):
         from bnsweep.bench.tracking import report as report_tracking
 
-        report_tracking(args.quick)
+        report_tracking(args.quick, tuple(int(n) for n in args.levels.split(",")) if args.levels else None)
 
 
 def report_training(epochs: int, limit_train: int | None = None) -> None:

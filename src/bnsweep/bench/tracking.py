@@ -148,9 +148,9 @@ class Server:
 
 
 def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: float, trials: int,
-             flush_s: float, experiment: str) -> tuple[int, float]:
+             flush_s: float, experiment: str) -> tuple[int, int, float]:
     """``threads`` simulated trials at a time, ``trials`` in all (at least one per thread), each thread's one
-    after another; returns (trials ended with every request answered, seconds until the last one ended)."""
+    after another; returns (trials ended with every request answered, trials run, seconds until the last ended)."""
     from bnsweep.tracking.runs import RunTracker
 
     done, lock = [0], threading.Lock()
@@ -182,12 +182,12 @@ def simulate(uri: str, store: Path, pattern: Pattern, threads: int, trial_s: flo
             previous = tracker
         ended(previous)
 
-    pool = [threading.Thread(target=loop) for _ in range(threads)]
+    pool = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]  # daemon: a stopped bench ends
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    return done[0], time.monotonic() - start
+    return done[0], threads * max(1, round(trials / threads)), time.monotonic() - start
 
 
 def knee(rows: list[dict]) -> str:
@@ -221,17 +221,17 @@ def tracking_backend(label: str, backend_store: str | None, workers: list[int], 
                 for n in levels:
                     got = {}
                     for name, flush in (("today", 0.0), ("buffered", FLUSH_S)):
-                        ended, wall = simulate(server.uri, Path(tmp) / "mlruns", pattern, n, trial_s, trials,
-                                               flush, f"bench-{name}")
-                        reqs = server.requests()
+                        ended, ran, wall = simulate(server.uri, Path(tmp) / "mlruns", pattern, n, trial_s, trials,
+                                                    flush, f"bench-{name}")
+                        reqs = server.requests()  # answered ones (a timed-out request may still be answered)
                         got[name] = {"threads": n, "offered": n / trial_s, "sustained": ended / wall,
-                                     "per_trial": sum(reqs.values()) / max(ended, 1), "requests": reqs,
-                                     "cpu_ms": 1e3 * server.cpu_since() / max(ended, 1)}
+                                     "per_trial": sum(reqs.values()) / ran, "requests": reqs,
+                                     "cpu_ms": 1e3 * server.cpu_since() / ran}
                     rows.append(got)
                     t, b = got["today"], got["buffered"]
                     print(f"    {n:7d}   {n / trial_s:9.1f}   {t['sustained']:15.1f}  {t['per_trial']:9.2f}  "
                           f"{t['cpu_ms']:6.0f}   {b['sustained']:18.1f}  {b['per_trial']:9.2f}  {b['cpu_ms']:6.0f}   "
-                          f"{t['per_trial'] / b['per_trial']:6.1f}x")
+                          f"{t['per_trial'] / max(b['per_trial'], 1e-9):6.1f}x")
                 b_last = rows[-1]["buffered"]["requests"]
                 print(f"    buffered requests by kind (last level): {dict(b_last.most_common())}")
                 print(f"    knee, today's pattern:   {knee([r['today'] for r in rows])}")
@@ -311,8 +311,8 @@ def report_optuna(levels: tuple[int, ...], trials: int) -> None:
                 print(f"    {n:8d}   {done / wall:20.1f}   {c_ms:15.1f}   {t_ms:18.1f}")
 
 
-def report(quick: bool = False) -> None:
-    """The tracking section of ``bnsweep bench``."""
+def report(quick: bool = False, levels: tuple[int, ...] | None = None) -> None:
+    """The tracking section of ``bnsweep bench``; ``levels``: trials at once (default 1, 2, 4 ... 64)."""
     import torch
 
     from bnsweep.tracking.runs import quick_requests
@@ -320,7 +320,7 @@ def report(quick: bool = False) -> None:
     quick_requests()
     logging.getLogger("bnsweep.tracking").setLevel(logging.ERROR)  # a timed-out request counts as not sustained
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a stopped bench stops its servers too
-    levels = (1, 4) if quick else LEVELS
+    levels = levels or ((1, 4) if quick else LEVELS)
     trial_s, trials = (1.0, 4) if quick else (1.0, 8)
     cores = worker_count()
     workers = [cores] if quick else sorted({1, cores})

@@ -8,7 +8,7 @@ deleted once the server has ended the run. A worker killed mid-run, or a server 
 run if the server never saw it, and ends it if its trial had ended. The writer holds an exclusive
 ``flock`` while the run is live, so ``replay`` never touches a run that is still training.
 
-Lines: ``{"open": {experiment, experiment_id, run_name, tags}}``, ``{"run_id": id}``,
+Lines: ``{"open": {uri, experiment, experiment_id, run_name, tags}}``, ``{"run_id": id}``,
 ``{"m": [[key, value, timestamp_ms, step], ...], "p": {key: value}, "t": {key: value}}``,
 ``{"sent": lines}``, ``{"end": status}``.
 """
@@ -165,15 +165,18 @@ def left_behind(store_dir: str | Path) -> Iterator[Left]:
             os.close(fd)
 
 
-def replay(client: MlflowClient, store_dir: str | Path) -> int:
+def replay(client: MlflowClient, store_dir: str | Path, uri: str | None = None) -> int:
     """Send what killed or cut-off runs left in the outbox; returns the runs replayed.
 
     A run the server never saw is created (with its tags, run name and parent); a run whose trial ended is
     ended with its status; one that was still training keeps its status (``mark_killed`` ends it). Any
-    request that fails leaves the file for the next replay.
+    request that fails leaves the file for the next replay. Only runs logged to ``uri`` (default: the
+    client's server) are sent: another sweep over the same store may log to another server.
     """
     done = 0
     for left in left_behind(store_dir):
+        if left.opening.get("uri", client.tracking_uri) != (uri or client.tracking_uri):
+            continue  # another server's run (two sweeps over one store): its own driver replays it
         try:
             run_id = left.run_id
             if run_id is None:

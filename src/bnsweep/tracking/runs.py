@@ -122,8 +122,9 @@ class RunTracker:
             if not background:
                 raise
             self._broken, self.experiment_id = e, None
-        self.outbox: Outbox | None = Outbox(store_dir, {"experiment": experiment, "experiment_id": self.experiment_id,
-                                                        "run_name": run_name, "tags": tags})
+        self.outbox: Outbox | None = Outbox(store_dir, {
+            "uri": uri, "experiment": experiment, "experiment_id": self.experiment_id, "run_name": run_name,
+            "tags": tags})
         self._run = self._submit(self._create, run_name, tags)
 
     @classmethod
