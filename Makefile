@@ -43,12 +43,12 @@ test: $(STAMP)  ## the whole suite, CPU only; starts (and stops) its own MLflow 
 	$(PY) -m ruff check src tests
 	$(PY) -m pytest -q -m "not cluster" $(ARGS)  # tests/cluster: make test-cluster
 
-# A one-node SLURM cluster (munge, slurmctld, slurmd, slurmdbd over MariaDB) and PostgreSQL on 127.0.0.1,
-# started by the project's scripts (Debian packages installed when missing) and always stopped after.
+# A SLURM cluster of 3 nodes on this machine (munge, slurmctld, a slurmd per node, slurmdbd over MariaDB) and
+# PostgreSQL, started by the project's scripts (Debian packages installed when missing) and always stopped after.
 test-cluster: $(STAMP)  ## the SLURM + PostgreSQL tests (tests/cluster), against real daemons
 	@export SLURM_CONF=/tmp/bnsweep-slurm/etc/slurm.conf BNSWEEP_TEST_PG=postgresql://postgres@127.0.0.1:54329/ci; \
 	trap '$(SUDO) bash scripts/pg-local.sh stop; $(SUDO) bash scripts/slurm-local.sh stop' EXIT; \
-	$(SUDO) bash scripts/slurm-local.sh start && $(SUDO) bash scripts/pg-local.sh start && \
+	$(SUDO) env NODES=3 bash scripts/slurm-local.sh start && $(SUDO) bash scripts/pg-local.sh start && \
 	$(PY) -m pytest -q -m cluster tests/cluster $(ARGS)
 
 bench: $(STAMP)  ## side-by-side speed ratios; numbers go into the issue notes

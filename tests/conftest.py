@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -21,9 +22,15 @@ def data_root() -> str:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session server's store: its database, artifacts and access log (server.log: requests counted)."""
+    return tmp_path_factory.mktemp("mlruns")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_store: Path):
     """A real `mlflow server` on a free loopback port, shared by the session and stopped after."""
-    server = MlflowServer(tmp_path_factory.mktemp("mlruns"))
+    server = MlflowServer(mlflow_store)
     uri = server.start()
     yield uri
     server.stop()

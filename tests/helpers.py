@@ -103,6 +103,18 @@ def _slurm() -> bool:
         ["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0
 
 
+def new_database() -> str:
+    """A fresh database on the test PostgreSQL server (``PG``), for one storage or MLflow store."""
+    import uuid
+
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return PG.rsplit("/", 1)[0] + f"/{name}"
+
+
 def postgres_up() -> bool:
     """Whether the test PostgreSQL (``PG``) accepts a connection within 3 s."""
     try:

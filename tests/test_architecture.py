@@ -24,7 +24,12 @@ BELOW: dict[str, set[str]] = {
     "report": FOUNDATION | {"tracking", "training", "sweep"},
     "deploy": FOUNDATION | {"tracking", "training"},
 }
-RUNNERS = {"bnsweep.sweep.driver", "bnsweep.sweep.worker", "bnsweep.sweep.launch_local", "bnsweep.sweep.launch_slurm"}
+# the driver and its concerns (sweep/state.py joins them), the worker and its concerns, the launchers
+RUNNERS = {f"bnsweep.sweep.{m}" for m in (
+    "driver", "state", "cells", "recovery", "launch", "progress", "summary", "usage",
+    "worker", "claiming", "trials", "running", "outcomes", "ddp", "launch_local", "launch_slurm")}
+# module names used twice (each a stage's own word, kept before this check existed); no new ones
+SHARED_NAMES = {"__init__", "__main__", "checks", "export", "latency", "server", "worker"}
 
 
 def imports() -> dict[str, set[str]]:
@@ -70,3 +75,13 @@ def test_nothing_below_imports_the_top() -> None:
 
 def test_configs_ship_inside_the_package() -> None:
     assert (PKG / "conf" / "train.yaml").is_file() and (PKG / "conf" / "sweep" / "default.yaml").is_file()
+
+
+def test_one_module_per_name() -> None:
+    """A module name means one thing across the package (``git grep``, tracebacks and docs stay unambiguous)."""
+    seen: dict[str, list[str]] = {}
+    for path in PKG.rglob("*.py"):
+        seen.setdefault(path.stem, []).append(str(path.relative_to(PKG)))
+    twice = {name: paths for name, paths in seen.items() if len(paths) > 1 and name not in SHARED_NAMES}
+    assert not twice, twice
+    assert all((PKG / "sweep" / f"{m.rsplit('.', 1)[1]}.py").is_file() for m in RUNNERS)

@@ -51,3 +51,39 @@ def test_keras_peer_without_tensorflow_set_up_says_how(monkeypatch: pytest.Monke
     assert "run `make bench-peers`" in keras(1, 1000, "/nowhere")
     monkeypatch.setenv("BNSWEEP_KERAS_SKIP", "TensorFlow could not be installed here")
     assert keras(1, 1000, "/nowhere") == "TensorFlow could not be installed here"
+
+
+def test_tracking_bench_counts_each_patterns_requests_on_the_server(mlflow_server: str, mlflow_store,
+                                                                    tmp_path) -> None:
+    """The tracking section's parts, in-process on the session server: simulated trials replay a pattern through
+    RunTracker (requests counted in the server's access log), and claimers take every enqueued trial once."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from bnsweep.bench.tracking import Pattern, RequestLog, knee, optuna_claims, simulate
+    from bnsweep.sweep.storage import open_storage
+    from bnsweep.tracking.runs import get_or_create_experiment
+
+    calls = [({"val_acc": 0.5, "val_loss": 0.3, "val_epoch": 0.5}, 78, {"optimizer.lr": "0.1"}, {"device": "cpu"}),
+             ({"val_acc": 0.6, "val_loss": 0.2, "val_epoch": 1.0}, 157, {}, {}),
+             ({"test_acc": 0.6}, 157, {}, {"outcome": "completed"})]
+    pattern = Pattern({"bnsweep.role": "trial"}, calls, {"params_total": 100.0}, {}, "lr 0.1")
+    requests = RequestLog(mlflow_store / "server.log")
+    per_trial = {}
+    for flush_s in (0.0, 60.0):
+        get_or_create_experiment(MlflowClient(mlflow_server), f"t-bench-{flush_s:g}", None)
+        requests.take()
+        trials, wall = simulate(mlflow_server, tmp_path, pattern, threads=2, trial_s=0.2, trials=4,
+                                flush_s=flush_s, experiment=f"t-bench-{flush_s:g}")
+        assert trials == 4 and wall > 0.4
+        per_trial[flush_s] = sum(requests.take().values()) / trials
+    assert per_trial == {0.0: 2 + len(calls), 60.0: 3}  # create + each log (or one flush) + update
+    rows = [{"threads": 1, "offered": 1, "sustained": 1.0}, {"threads": 2, "offered": 2, "sustained": 1.5}]
+    assert knee(rows).startswith("2 trials at once")
+
+    url = str(tmp_path / "claims.journal")
+    done, wall, claim_ms, tell_ms = optuna_claims(url, claimers=3, trials=9)
+    assert done == 9
+    (study,) = [optuna.load_study(study_name=s, storage=open_storage(url))
+                for s in optuna.get_all_study_names(open_storage(url))]
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 9

@@ -35,6 +35,7 @@ from bnsweep.stats import (
 )
 from bnsweep.sweep.basin import Basin
 from bnsweep.sweep.definition import cell_labels, parse
+from bnsweep.training.norms import canonical, legacy
 
 # ---------------------------------------------------------------------- the tests behind a verdict, against scipy
 
@@ -188,7 +189,7 @@ def test_saturation_with_bn_before_the_activation_is_flagged_not_judged() -> Non
         if c.metric in POINTS:
             for s in c.settings:
                 arms = [a for a in (s.first, s.second) if a is not None]
-                bns = [dict(arm_config(a).model.bn) for a in arms]
+                bns = [legacy(canonical(arm_config(a).model.norm, arm_config(a).model.bn)) for a in arms]
                 constructed = any(normalized_by_construction(*POINTS[c.metric], bn) for bn in bns)
                 row = measure(c, s, {})
                 assert (row.construction != "") == constructed or "needs the sweep" in row.note

@@ -15,10 +15,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from bnsweep.defaults import MAX_LOST
 from bnsweep.errors import ConfigError
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.lock import holding, lock_path, owner
-from bnsweep.sweep.slots import HOST, MAX_LOST, claim, give_back, is_lost, live, recover_study
+from bnsweep.sweep.slots import HOST, claim, give_back, is_lost, live, recover_study
 from bnsweep.sweep.storage import open_storage
 
 SPEC = {"name": "f", "base": [], "grid": {"model.bn.placement": ["none"]},

@@ -86,6 +86,19 @@ CASES = {
     "cnn-before_act-keep_bias": ([(0.05, 0), (0.1, 1)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
                                                          "model.bn.placement=before_act", "model.bn.keep_bias=true",
                                                          "trainer.max_epochs=1"]),
+    # the other norm kinds (model.norm.kind): per-virtual-batch and renormalized statistics, per-input group norms
+    "ghost_batch-input": ([(0.05, 0), (0.2, 1)], ["model.norm.kind=ghost_batch", "model.norm.virtual_batch=8",
+                                                  "model.norm.input=true", "train.eval_batch_sizes=[1,8]"]),
+    "batch_renorm-after_act": ([(0.05, 0), (0.2, 0)], ["model.norm.kind=batch_renorm", "model.norm.warmup_steps=10",
+                                                       "model.norm.placement=after_act", "optimizer=momentum"]),
+    "layer-adam": ([(1e-3, 0), (3e-3, 1)], ["model.norm.kind=layer", "optimizer=adam"]),
+    "residual-batch": ([(0.05, 0), (0.2, 1)], ["model.depth=3", "model.width=16", "model.residual=true",
+                                               "model.norm.kind=batch", "train.eval_batch_sizes=[2]"]),
+    "cnn-group": ([(0.05, 0), (0.1, 1)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
+                                          "model.norm.kind=group", "model.norm.groups=2", "trainer.max_epochs=1"]),
+    "cnn-instance-input": ([(0.05, 0), (0.1, 0)], ["model=cnn", "model.channels=[4]", "model.hidden=[16]",
+                                                   "model.norm.kind=instance", "model.norm.input=true",
+                                                   "trainer.max_epochs=1", "train.eval_batch_sizes=[2]"]),
 }
 
 

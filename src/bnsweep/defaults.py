@@ -18,8 +18,27 @@ _SWEEP = OmegaConf.load(Path(CONF_DIR) / "run_sweep.yaml")
 STORE_DIR: str = _SWEEP.tracking.store_dir  # MLflow's sqlite store, artifacts and the Optuna journals
 HEARTBEAT_S: int = _SWEEP.heartbeat_s  # PostgreSQL storage: a running trial's heartbeat interval
 STALE_AFTER_S: float = float(_SWEEP.stale_after_s)  # a running trial silent this long is retried
+STORAGE_WAIT_S: float = float(_SWEEP.storage_wait_s)  # PostgreSQL away (a restart): retry this long, then stop
+MAX_LOST: int = _SWEEP.max_lost  # a slot whose trial killed its worker this often is ended (poison)
+STOP_WAIT_S: float = float(_SWEEP.stop_wait_s)  # a stopped driver waits this long for its workers
+RESPAWNS_PER_WORKER: int = _SWEEP.respawns_per_worker  # new workers per worker when trials are left and none runs
+REQUEST_RETRIES: int = _SWEEP.tracking.request_retries  # MLflow request retries and timeout (unless env sets them)
+REQUEST_TIMEOUT_S: int = _SWEEP.tracking.request_timeout_s  # whole seconds (MLflow reads an int)
+PROBE = _SWEEP.population_probe  # population=auto's candidates, margin and probe lengths
+
+_SLURM = OmegaConf.load(Path(CONF_DIR) / "launcher" / "slurm.yaml")
+SLURM_POLL_S: float = float(_SLURM.poll_s)  # squeue at most this often
+SLURM_COMMAND_TIMEOUT_S: float = float(_SLURM.command_timeout_s)  # squeue/scancel given up after this long
+_TRACKING = OmegaConf.load(Path(CONF_DIR) / "tracking" / "default.yaml")
+FLUSH_S: float = float(_TRACKING.flush_s)  # a run's points reach the MLflow server at most this often
 
 
 def worker_count() -> int:
     """Local sweep workers when ``workers=null``: one per CPU core this process may use."""
     return len(os.sched_getaffinity(0))
+
+
+def server_workers(value: int | None = None) -> int:
+    """The local MLflow server's web workers: ``tracking.server_workers``, else one per CPU core."""
+    value = _SWEEP.tracking.server_workers if value is None else value
+    return int(value) if value is not None else worker_count()

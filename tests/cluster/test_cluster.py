@@ -1,4 +1,4 @@
-"""Cluster sweeps for real: a one-node SLURM cluster (with slurmdbd, so sacct works) and PostgreSQL.
+"""Cluster sweeps for real: a SLURM cluster of 3 nodes on one machine (with slurmdbd, so sacct works) and PostgreSQL.
 
 `make test-cluster` starts both with scripts/slurm-local.sh and scripts/pg-local.sh, runs these, and
 stops them; without those services (a plain `make test`) every test here is skipped.
@@ -10,12 +10,12 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
-from helpers import PG, RunIf, claim_race, postgres_up, sweep_cli  # claim_race: the journal test's race, on PostgreSQL
+from helpers import RunIf, claim_race, new_database, sweep_cli  # claim_race: the journal test's race, on PostgreSQL
 from mlflow.tracking import MlflowClient
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
@@ -29,24 +29,10 @@ needs_pg = RunIf(postgres=True)  # PG: BNSWEEP_TEST_PG, the server make test-clu
 needs_cluster = RunIf(slurm=True, postgres=True)  # one skip line naming whichever is missing
 
 
-def new_database() -> str:
-    """A fresh database on the test server, for one storage (or MLflow store)."""
-    import psycopg
-
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return PG.rsplit("/", 1)[0] + f"/{name}"
-
-
 @pytest.fixture(scope="module")
-def pg_mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` whose backend store is PostgreSQL (shared use), on 127.0.0.1."""
-    if not postgres_up():
-        pytest.skip(f"no PostgreSQL at {PG}")
-    server = MlflowServer(tmp_path_factory.mktemp("mlruns_pg"), backend_store=new_database())
-    yield server.start()
-    server.stop()
+def pg_mlflow(cluster_mlflow: SimpleNamespace) -> str:
+    """The cluster's MLflow server (conftest.py): basic auth, beyond loopback, its store in PostgreSQL."""
+    return cluster_mlflow.uri
 
 
 def slurm_args(name: str, storage: str, uri: str, store: Path, *extra: str) -> list[str]:
@@ -153,3 +139,35 @@ def test_mlflow_basic_auth_takes_credentials_from_the_environment(tmp_path: Path
         server.stop()
     assert not any(secret in p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
                    and p.suffix in (".log", ".ini", ".url", ".pid"))
+
+
+@needs_pg
+def test_database_lock_refuses_a_second_driver_and_dies_with_its_holder() -> None:
+    """The advisory lock of a PostgreSQL sweep: a second holder is refused with one line naming the first;
+    the holder's process SIGKILLed (its host gone), PostgreSQL drops the lock with its connection."""
+    import signal
+    import sys
+
+    from bnsweep.errors import ConfigError
+    from bnsweep.sweep.lock import database_owner, holding_database
+
+    url, name = new_database(), f"lock-{uuid.uuid4().hex[:6]}"
+    code = (f"import time; from bnsweep.sweep.lock import holding_database\nwith holding_database({url!r}, "
+            f"{name!r}):\n    print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert database_owner(url, name).startswith(f"pid {holder.pid} on ")
+        with pytest.raises(ConfigError, match=rf"^sweep={name}: another driver runs it \(pid {holder.pid} on "), \
+                holding_database(url, name):
+            pass
+        assert database_owner(url, f"{name}-other") is None  # a lock per sweep
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+        deadline = time.monotonic() + 30  # the server notices the closed connection at once, or nearly
+        while database_owner(url, name) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with holding_database(url, name):
+            assert database_owner(url, name).startswith("pid ")
+    finally:
+        holder.kill()

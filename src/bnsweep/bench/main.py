@@ -6,11 +6,14 @@ in-memory DataModule, MLflow logging) against a bare PyTorch loop over the same 
 Sweep: trials/hour of the tiny sweep with 1 and 2 workers, and the orchestration overhead per trial
 (sweep wall time minus each trial's own fit and test evaluation, which are printed beside it).
 Latency (bench/latency.py): no-BN / BN / BN-folded forward passes at batch 1 and 1024, side by side.
-Norms (bench/norms.py): each model.norm.kind's training step (single and per population member) and
+Norms (bench/norm_kinds.py): each model.norm.kind's training step (single and per population member) and
 inference latency (folded where it can be) relative to no normalization, MLP and CNN, side by side.
 Population (bench/population.py): trials/hour of K = 1 (one trial at a time, the ordinary path), 8, 32
 (and 128 on a GPU) trials trained as one stacked network, interleaved, and the fraction of the
 machine's matmul peak that training reaches.
+Tracking (bench/tracking.py): trials/s one MLflow server sustains against trials/s offered, requests per
+trial (today's pattern and the buffered one, side by side), per backend and server worker count; Optuna
+claims and completions per second.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from bnsweep.config import compose, instantiate
 from bnsweep.training.data import InMemoryDataModule
 from bnsweep.training.run import quiet_lightning, run_training
 
-SECTIONS = ["training", "validation", "sweep", "latency", "norms", "population", "peers"]
+SECTIONS = ["training", "validation", "sweep", "latency", "norms", "population", "peers", "tracking"]
 QUICK_TRAIN = 2000  # --quick: training images per run
 
 
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
 
         report_latency(0.3 if args.quick else 3.0)
     if args.only in (None, "norms"):
-        from bnsweep.bench.norms import report as report_norms
+        from bnsweep.bench.norm_kinds import report as report_norms
 
         report_norms(steps=10 if args.quick else 40, rounds=1 if args.quick else 3, k=2 if args.quick else 8,
                      budget_s=0.1 if args.quick else 1.0, batches=(1, 32) if args.quick else (1, 1024))
@@ -130,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
         from bnsweep.bench.peers import report as report_peers
 
         report_peers(args.epochs, args.trials, limit_train=limit)
+    if args.only in (None, "tracking"):
+        from bnsweep.bench.tracking import report as report_tracking
+
+        report_tracking(args.quick)
 
 
 def report_training(epochs: int, limit_train: int | None = None) -> None:

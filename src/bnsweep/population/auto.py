@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
+from bnsweep.defaults import PROBE
 from bnsweep.errors import ConfigError
 from bnsweep.population.checks import check
 from bnsweep.population.layers import StackedNet
@@ -48,14 +49,12 @@ from bnsweep.training.run import run_training
 
 log = logging.getLogger("bnsweep.population")
 
-CPU_CANDIDATES = (1, 2, 4, 8, 16, 32)
-GPU_CANDIDATES = (1, 8, 32, 64, 128)
-MARGIN = 1.10  # a population must predict 10% more trials/hour than K=1 to be chosen
-PROBE_STEPS = 10  # timed training steps per candidate and round (after 3 warm-up steps)
-PROBE_ROUNDS = 3  # interleaved rounds over the candidates (step times), 2 for the whole-trial slices
-SLICE_STEPS = 32  # training steps of the real whole trials timed for K=1 and the shortlisted populations
-EVAL_SLICE = 1000  # validation and test inputs of those short trials
-SHORTLIST = 1  # populations (the fastest by step time) timed as whole trials against K=1
+# conf/run_sweep.yaml's population_probe (each key's meaning is written there)
+CPU_CANDIDATES = tuple(PROBE.cpu_candidates)
+GPU_CANDIDATES = tuple(PROBE.gpu_candidates)
+MARGIN = float(PROBE.margin)  # a population must predict this many times K=1's trials/hour to be chosen
+PROBE_STEPS, PROBE_ROUNDS = int(PROBE.steps), int(PROBE.rounds)
+SLICE_STEPS, EVAL_SLICE, SHORTLIST = int(PROBE.slice_steps), int(PROBE.eval_slice), int(PROBE.shortlist)
 CACHE_VERSION = 3
 
 

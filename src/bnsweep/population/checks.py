@@ -29,9 +29,9 @@ def check(cfg: DictConfig) -> None:
     if cfg.train.get("diagnostics"):
         raise ConfigError("train.diagnostics=true is not allowed with population training (its hooks watch one "
                           "network); run this sweep with population=1")
-    if cfg.model.get("residual"):
-        raise ConfigError("model.residual=true (and model=resnet) is not allowed with population training, which "
-                          "stacks plain MLPs and CNNs layer by layer; run this sweep with population=1")
+    if "ResNet" in str(cfg.model.get("_target_")):
+        raise ConfigError("model=resnet is not allowed with population training, which stacks MLPs (plain or "
+                          "residual) and CNNs layer by layer; run this sweep with population=1")
     if str(cfg.trainer.get("precision", "32-true")) not in ("32-true", "32"):
         raise ConfigError(f"trainer.precision={cfg.trainer.precision!r} is not allowed with population training; "
                           "use 32-true")

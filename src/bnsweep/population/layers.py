@@ -260,16 +260,18 @@ class StackedNet(nn.Module):
                 layer = STACKED[type(first)](group)
             elif isinstance(first, ELEMENTWISE):
                 layer = Elementwise(first)
-            elif isinstance(first, (Residual, BasicBlock)):
-                raise ConfigError("population training stacks plain MLPs and CNNs; model.residual=true and "
-                                  "model=resnet are not allowed with it: run with population=1")
+            elif isinstance(first, Residual):
+                layer = StackedResidual(group)
+            elif isinstance(first, BasicBlock):
+                raise ConfigError("population training stacks MLPs (plain or residual) and CNNs; model=resnet is "
+                                  "not allowed with it: run with population=1")
             else:
                 raise ConfigError(f"population training cannot stack layer {name} ({type(first).__name__})")
             self.layers.append(layer)
         self._set_k()
 
     def _set_k(self) -> None:
-        for layer in self.layers:
+        for layer in self.modules():
             if isinstance(layer, (StackedFlatten, StackedGroupNorm)):
                 layer.k = self.k
 
@@ -300,10 +302,20 @@ class StackedNet(nn.Module):
         """Member ``i``'s weights and BN statistics as the single model's ``state_dict``."""
         state = {}
         for name, layer in zip(self.names, self.layers, strict=True):
-            own = layer.member_state(i) if isinstance(layer, StackedLinear) else {
+            own = layer.member_state(i) if hasattr(layer, "member_state") else {
                 key: t[i] for key, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]}
             state |= {f"{name}.{key}": t.detach().clone().contiguous() for key, t in own.items()}
         return state
+
+
+class StackedResidual(StackedNet):
+    """K residual MLP blocks (models.Residual): x + block(x), the block's layers stacked as a StackedNet's."""
+
+    def forward(self, x: torch.Tensor, layout: str) -> Act:
+        y, inner = x, layout
+        for layer in self.layers:
+            y, inner = layer(y, inner)
+        return y + x, "features"  # x: (K, B, F), or (B, F) shared by every member (broadcast)
 
 
 # How precise BN (training/bn_eval.py) steps through a population: (tensor, layout) states, stacked BN layers;

@@ -180,8 +180,9 @@ def small_batch_metrics(net: StackedNet, x: torch.Tensor, y: torch.Tensor, sizes
     step = math.lcm(eval_chunk(chunk, net.k), *sizes)
     for size in sizes:
         grouped = copy.deepcopy(net)
-        grouped.layers = torch.nn.ModuleList(StackedGroupStatsBN(m, size) if isinstance(m, StackedBatchNorm) else m
-                                             for m in grouped.layers)
+        for stacked in [m for m in grouped.modules() if isinstance(m, StackedNet)]:  # residual blocks' BNs too
+            stacked.layers = torch.nn.ModuleList(StackedGroupStatsBN(m, size) if isinstance(m, StackedBatchNorm)
+                                                 else m for m in stacked.layers)
         rows = bn_eval.evaluate(grouped, zip(x.split(step), y.split(step), strict=True), torch.float64)
         for member, (loss, acc) in zip(out, rows, strict=True):
             member[f"test_loss_batch{size}"], member[f"test_acc_batch{size}"] = loss, acc

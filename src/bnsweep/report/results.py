@@ -89,8 +89,8 @@ POINT_MEASURES = {"saturation": ("act_in", 1), "drift": ("linear_out", 2)}
 
 
 def layer_index(layer: str) -> int:
-    """The number in a layer's name (fc2 -> 2; out -> 0): hidden layers in order."""
-    return int("".join(ch for ch in layer if ch.isdigit()) or 0)
+    """The number in a layer's name (fc2 -> 2, a residual block's res2.fc2 -> 2; out -> 0): hidden layers in order."""
+    return int("".join(ch for ch in layer.rsplit(".", 1)[-1] if ch.isdigit()) or 0)
 
 
 def point_measure(rows: Sequence[dict[str, Any]], key: str) -> float:

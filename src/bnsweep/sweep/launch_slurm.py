@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnsweep.defaults import SLURM_COMMAND_TIMEOUT_S, SLURM_POLL_S
 from bnsweep.errors import ConfigError, check_range, redact
 from bnsweep.sweep.launch_local import apply_env, rank_env
 
@@ -37,13 +38,62 @@ def pin_devices(slot: int, per_slot: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices[slot * per_slot:(slot + 1) * per_slot])
 
 
-def _stopped(signum: int, frame: object) -> None:
-    signal.signal(signum, signal.SIG_IGN)  # SLURM may repeat it: let the trial's clean-up finish
-    raise SystemExit(f"stopped by SLURM (signal {signum})")
+@dataclass(frozen=True)
+class RequeuePolicy:
+    """What a stopped worker's job does: ``launcher.requeue`` and ``launcher.max_num_timeout``."""
+
+    on: bool = True
+    max_num_timeout: int = 3
 
 
-def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker: int) -> None:
-    """One SLURM task: a worker (or one DDP rank of it) on its own GPU(s); runs in the job."""
+def _job_field(job: str, key: str) -> str | None:
+    """One field of ``scontrol show job`` for this job (None if SLURM does not answer)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for word in out.stdout.split():
+        if word.startswith(f"{key}="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def requeue_after_stop(why: str, requeue: RequeuePolicy) -> None:
+    """A stopped worker's job, once its trial is given back: requeued if SLURM stopped it for
+    preemption or the time limit (and ``launcher.requeue``), left to end if it was cancelled.
+
+    SLURM requeues a preempted job itself only if the job outlives the grace time; a worker that gave its
+    trial back has nothing left to do, so it requeues its job at once (as submitit does at the time limit)
+    and the node goes to the preemptor without waiting out the grace time.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or not requeue.on:
+        return
+    if why == "time":  # launcher.signal_delay_s before the time limit
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+        if restarts >= requeue.max_num_timeout:
+            log.warning("job %s near its time limit, requeued %d time(s) already (launcher.max_num_timeout): "
+                        "it ends here", job, restarts)
+            return
+    elif _job_field(job, "PreemptTime") in (None, "None"):
+        return  # scancel, scontrol requeue (SLURM requeues it itself), or the time limit itself
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    if done.returncode == 0:
+        log.info("job %s %s: its trial was given back and the job requeued", job,
+                 "preempted" if why == "term" else "near its time limit")
+    else:
+        log.warning("job %s could not be requeued: %s", job, done.stderr.strip() or done.stdout.strip())
+
+
+def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker: int,
+                requeue: RequeuePolicy = RequeuePolicy()) -> None:
+    """One SLURM task: a worker (or one DDP rank of it) on its own GPU(s); runs in the job.
+
+    SIGTERM (scancel, preemption, ``scontrol requeue``, the time limit) and submitit's USR2
+    (``launcher.signal_delay_s`` before the time limit) both stop the worker as Ctrl-C does: it hands
+    its trial back at once (a copy in the same slot), well within SLURM's grace or kill wait time.
+    submitit's own USR2 handler would fail the running trial instead (it expects checkpointing jobs).
+    """
     import submitit
 
     env = submitit.JobEnvironment()
@@ -52,11 +102,17 @@ def worker_task(argv: list[str], first_offset: int, ranks: int, gpus_per_worker:
     port = 20000 + (int(env.raw_job_id) * 8 + slot) % 30000  # distinct per job and worker on a node
     apply_env(rank_env(rank, ranks, port))
     os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
-    # submitit ignores SIGTERM (it expects checkpointing jobs); a worker stopped by scancel, preemption
-    # or the time limit hands its trial back at once instead (SLURM's SIGKILL follows in KillWait s).
-    signal.signal(signal.SIGTERM, _stopped)
-    from bnsweep.sweep.worker import main
+    why = ["term"]
 
+    def time_is_up(signum: int, frame: object) -> None:
+        why[0] = "time"
+        os.kill(os.getpid(), signal.SIGTERM)  # the worker's own stop: give the trial back, end its run
+
+    signal.signal(submitit.JobEnvironment._usr_sig(), time_is_up)
+    from bnsweep.sweep.worker import ON_STOP, main
+
+    if env.local_rank == 0:  # once the stopped worker has given its trial back: requeue the job?
+        ON_STOP.append(lambda: requeue_after_stop(why[0], requeue))
     main([*argv, "--seed-offset", str(first_offset + slot), "--recover"])
 
 
@@ -79,6 +135,11 @@ class SlurmLauncher:
     python: str | None = None
     wait: bool = True
     folder: str | None = None
+    requeue: bool = True
+    signal_delay_s: int = 120
+    max_num_timeout: int = 3
+    poll_s: float = SLURM_POLL_S
+    command_timeout_s: float = SLURM_COMMAND_TIMEOUT_S
     job_ids: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -87,6 +148,10 @@ class SlurmLauncher:
         check_range("launcher.gpus_per_worker", self.gpus_per_worker, 0)
         check_range("launcher.cpus_per_worker", self.cpus_per_worker, 1)
         check_range("launcher.time_min", self.time_min, 1)
+        check_range("launcher.signal_delay_s", self.signal_delay_s, 1)
+        check_range("launcher.max_num_timeout", self.max_num_timeout, 0)
+        check_range("launcher.poll_s", self.poll_s, 0, low_open=True)
+        check_range("launcher.command_timeout_s", self.command_timeout_s, 0, low_open=True)
         self._last_check, self._alive = 0.0, 0
 
     # ------------------------------------------------------------------ submission
@@ -95,11 +160,12 @@ class SlurmLauncher:
         import submitit
 
         ex = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_python=self.python)
+        sbatch = {"requeue" if self.requeue else "no_requeue": True, **self.sbatch}
         params: dict[str, Any] = {
             "name": f"bnsweep-{folder.parent.name}", "timeout_min": self.time_min, "nodes": 1,
             "tasks_per_node": tasks * ranks, "cpus_per_task": self.cpus_per_worker,
-            "mem_gb": self.mem_gb * tasks, "slurm_additional_parameters": dict(self.sbatch),
-            "slurm_setup": list(self.setup)}
+            "mem_gb": self.mem_gb * tasks, "slurm_additional_parameters": sbatch,
+            "slurm_signal_delay_s": self.signal_delay_s, "slurm_setup": list(self.setup)}
         if self.gpus_per_worker:
             params["gpus_per_node"] = self.gpus_per_worker * ranks * tasks
         for key in ("partition", "account", "qos", "array_parallelism"):
@@ -116,8 +182,9 @@ class SlurmLauncher:
         ex = self.executor(folder, ranks, per_job)
         offsets = [first + j * per_job for j in range(jobs_n)]
         try:
+            policy = RequeuePolicy(self.requeue, self.max_num_timeout)
             jobs = ex.map_array(worker_task, [argv] * jobs_n, offsets, [ranks] * jobs_n,
-                                [self.gpus_per_worker] * jobs_n)
+                                [self.gpus_per_worker] * jobs_n, [policy] * jobs_n)
         except Exception as e:  # sbatch's own message: unknown partition, account, too much memory...
             raise ConfigError(f"launcher=slurm: sbatch refused the workers: {str(e).strip().splitlines()[-1]}") from e
         ids = [j.job_id for j in jobs]
@@ -137,15 +204,15 @@ class SlurmLauncher:
     # ------------------------------------------------------------------ watching
 
     def alive(self) -> int:
-        """Jobs pending or running (squeue, at most every 5 s)."""
+        """Jobs pending or running (squeue, at most every ``poll_s``)."""
         if not self.job_ids:
             return 0
-        if time.monotonic() - self._last_check < 5:
+        if time.monotonic() - self._last_check < self.poll_s:
             return self._alive
         self._last_check = time.monotonic()
         arrays = sorted({i.split("_")[0] for i in self.job_ids})
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", ",".join(arrays)], capture_output=True,
-                             text=True, timeout=60)
+                             text=True, timeout=self.command_timeout_s)
         mine = set(self.job_ids)
         self._alive = sum(line.strip() in mine for line in out.stdout.splitlines())
         return self._alive
@@ -155,7 +222,7 @@ class SlurmLauncher:
 
     def stop(self) -> None:
         if self.job_ids:
-            subprocess.run(["scancel", *self.job_ids], capture_output=True, timeout=60)
+            subprocess.run(["scancel", *self.job_ids], capture_output=True, timeout=self.command_timeout_s)
 
     def failed(self) -> int:
         return 0  # a job's failure shows in its trials (retried) and its log, not here

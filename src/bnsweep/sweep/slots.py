@@ -25,13 +25,13 @@ import optuna
 from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from bnsweep.defaults import MAX_LOST
 from bnsweep.sweep.basin import LR_KEY, is_repeat
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.search import SEED_INDEX, SKIPPED, BasinSearch
 from bnsweep.sweep.storage import heartbeat_enabled
 
 HOST = socket.gethostname()
-MAX_LOST = 3  # a slot whose trial killed its worker this often is ended as FAIL (poison), not retried again
 
 
 def retried(trials: list[FrozenTrial]) -> set[int]:
@@ -251,10 +251,11 @@ def give_back(storage: BaseStorage, study: optuna.Study, trial: optuna.Trial) ->
     study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
-def recover_study(storage: BaseStorage, study: optuna.Study, stale_after_s: float) -> tuple[list[FrozenTrial], int]:
+def recover_study(storage: BaseStorage, study: optuna.Study, stale_after_s: float,
+                  max_lost: int = MAX_LOST) -> tuple[list[FrozenTrial], int]:
     """Fail the cell's lost trials and enqueue their slots again: (lost trials, trials enqueued)."""
     lost = recover_lost(storage, study, stale_after_s)
-    poison_slots(study)
+    poison_slots(study, max_lost)
     return lost, top_up(study, SweepSpec.from_attrs(study.user_attrs))
 
 

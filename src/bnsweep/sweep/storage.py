@@ -16,8 +16,9 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S
+from bnsweep.defaults import HEARTBEAT_S, STALE_AFTER_S, STORAGE_WAIT_S
 from bnsweep.errors import ConfigError
+from bnsweep.sweep.outage import PatientRDBStorage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 log = logging.getLogger("bnsweep.storage")
@@ -27,11 +28,13 @@ def default_storage(store_dir: str | Path, sweep: str) -> str:
     return str(Path(store_dir).resolve() / "optuna" / f"{sweep.replace('/', '_')}.journal")
 
 
-def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S) -> BaseStorage:
+def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
+                 wait_s: float = STORAGE_WAIT_S) -> BaseStorage:
     """A JournalStorage file (one machine, several processes) or an RDB URL (several machines).
 
     An RDB storage beats every ``heartbeat_s`` while a trial runs; one silent for ``stale_after_s``
-    is failed and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (see ``recover_lost``).
+    is failed and re-enqueued by ``RetryHeartbeatStaleTrialCallback`` (see ``recover_lost``). It waits
+    up to ``wait_s`` for a database that is away (a restart), retrying (sweep/outage.py).
     """
     if "://" in url and not url.startswith("journal://"):
         if url.startswith("sqlite"):
@@ -39,8 +42,8 @@ def open_storage(url: str, heartbeat_s: int = HEARTBEAT_S, stale_after_s: float 
                               "use a journal file path (the default) or postgresql://...")
         with warnings.catch_warnings():  # "experimental since 2.8": it is what Optuna offers for this
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url, heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
+            return PatientRDBStorage(
+                url, wait_s, heartbeat_interval=int(heartbeat_s), grace_period=int(stale_after_s),
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
                 engine_kwargs={"pool_pre_ping": True})
     path = Path(url.removeprefix("journal://"))

@@ -1,6 +1,7 @@
-"""MLflow tracking with few requests per run: create_run, one log_batch per epoch, set_terminated.
+"""MLflow tracking with few requests per run: create_run, one log_batch per ``tracking.flush_s``, set_terminated.
 
-The fluent API costs ~40 ms a call (0.8-1.4 s for a 10-epoch run); batching costs ~0.12 s.
+The fluent API costs ~40 ms a call (0.8-1.4 s for a 10-epoch run); batching costs ~0.12 s, and the
+server's load grows with requests, not points (``bnsweep bench --only tracking``).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from bnsweep.defaults import STORE_DIR
+from bnsweep.defaults import FLUSH_S, REQUEST_RETRIES, REQUEST_TIMEOUT_S, STORE_DIR
 from bnsweep.errors import redact
+from bnsweep.tracking.outbox import Batch, Outbox
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from research machines
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # else each set_terminated reads the run back
 log = logging.getLogger("bnsweep.tracking")
 _EXPERIMENTS: dict[tuple[str, str], str] = {}  # (tracking uri, name) -> id, per process
 PROJECT_ROOT = Path(__file__).resolve().parents[3]  # a checkout: git_commit() names its commit
@@ -33,7 +37,8 @@ PARAM_LEN = 6000
 # MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI overview (traces, tokens) of an
 # empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-REQUEST_RETRIES, REQUEST_TIMEOUT_S = 2, 20  # an away MLflow server: seconds, not MLflow's minutes of retries
+ANSWERED_S = 30.0  # a server that answered a run's request this recently is not probed again (``answers``)
+_ANSWERED: dict[str, float] = {}  # tracking uri -> when a background request last succeeded
 
 
 def resolve_uri(uri: str | None = None, store_dir: str | Path = STORE_DIR) -> str:
@@ -77,17 +82,19 @@ def git_commit() -> str:
 
 
 class RunTracker:
-    """One MLflow run, logged with few requests: create_run, one log_batch per epoch, set_terminated.
+    """One MLflow run in at most three requests when it is short: create_run (with its tags), one log_batch
+    per ``flush_s`` seconds (params, tags and every point since the last one), set_terminated.
 
-    ``stage`` holds params/tags until the next ``log`` so they ride in the same request; artifacts
-    are written straight to the run's artifact store (no extra round trip). With
-    ``background=True`` every request goes through one thread, in order, so training never waits
-    on the server; ``close`` waits for them and reports a failure as a warning.
+    ``log`` buffers: the points go to the run's outbox file at once (``outbox.py``: a killed worker or an
+    away server loses nothing that was logged) and to the server with the next flush, so the dashboard's
+    live curves lag by up to ``flush_s``. Artifacts are written straight to the run's artifact store. With
+    ``background=True`` every request goes through one thread, in order, so training never waits on the
+    server; ``close`` waits for them and reports a failure as a warning. Nothing is ever read back.
     """
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-                 store_dir: str | Path = STORE_DIR, background: bool = False) -> None:
+                 store_dir: str | Path = STORE_DIR, background: bool = False, flush_s: float = FLUSH_S) -> None:
         self.client = MlflowClient(uri)
         tags = dict(tags or {})
         if parent_run_id:
@@ -96,32 +103,42 @@ class RunTracker:
         self._staged: dict[str, dict[str, Any]] = {"params": {}, "tags": {}, "metrics": {}}
         self._pending: list[Future] = []
         self._broken: Exception | None = None  # background: the first failed request; the rest are skipped
+        self.flush_s, self._flushed_at, self._buffer, self._lines = float(flush_s), time.monotonic(), Batch(), 0
         try:
             self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root(uri, store_dir))
         except Exception as e:
             if not background:
                 raise
             self._broken, self.experiment_id = e, None
-        self._run = self._submit(self.client.create_run, self.experiment_id, run_name=run_name, tags=tags)
+        self.outbox: Outbox | None = Outbox(store_dir, {"experiment": experiment, "experiment_id": self.experiment_id,
+                                                        "run_name": run_name, "tags": tags})
+        self._run = self._submit(self._create, run_name, tags)
 
     @classmethod
     def for_run(cls, client: MlflowClient, run_id: str) -> RunTracker:
-        """Log to an existing run (e.g. a sweep cell's parent run), synchronously."""
+        """Log to an existing run (e.g. a sweep cell's parent run), synchronously, each ``log`` at once."""
         tracker = cls.__new__(cls)
-        tracker.client, tracker._pool, tracker._pending = client, None, []
+        tracker.client, tracker._pool, tracker._pending, tracker.outbox = client, None, [], None
         tracker._staged = {"params": {}, "tags": {}, "metrics": {}}
-        tracker._run = _done(client.get_run(run_id))
+        tracker.flush_s, tracker._flushed_at, tracker._buffer, tracker._lines = 0.0, time.monotonic(), Batch(), 0
+        tracker._run = _done(RunInfo(run_id, None))  # its artifact location is asked for only if needed
         return tracker
 
     @property
     def run_id(self) -> str | None:
         """The run's id; None if MLflow was away when it was to be created (``complete_trial_runs`` makes it)."""
         try:
-            return self._run.result().info.run_id
+            return self._run.result().run_id
         except Exception:
             if self._pool is None:
                 raise
             return None
+
+    def _create(self, run_name: str | None, tags: dict[str, str]) -> RunInfo:
+        info = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info
+        if self.outbox:
+            self.outbox.run_id(info.run_id)
+        return RunInfo(info.run_id, info.artifact_uri)
 
     def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         if self._pool is None:
@@ -132,32 +149,50 @@ class RunTracker:
 
     def _unless_broken(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Background requests after a failed one are skipped: the server is away or slow, and each retry
-        would hold the trial's flush for the whole retry budget. The trial's result is in the Optuna
-        storage; the driver completes the run from it later (``complete_trial_runs``)."""
+        would hold the trial's flush for the whole retry budget. The run's points are in its outbox file and
+        its result in the Optuna storage; the driver sends both later (``outbox.replay``, ``complete_trial_runs``)."""
         if self._broken is not None:
             raise RuntimeError(f"skipped: an earlier MLflow request failed ({self._broken})")
         try:
-            return fn(*args, **kwargs)
+            out = fn(*args, **kwargs)
         except Exception as e:
             self._broken = e
             raise
+        _ANSWERED[self.client.tracking_uri] = time.monotonic()
+        return out
 
     def stage(self, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
               metrics: Mapping[str, float] | None = None) -> None:
-        """Keep these for the next ``log`` request."""
+        """Keep these for the next ``log``."""
         for kind, items in (("params", params), ("tags", tags), ("metrics", metrics)):
             self._staged[kind].update(items or {})
 
     def log(self, metrics: Mapping[str, float] | None = None, step: int = 0,
             params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None) -> None:
+        """Record these (staged metrics at step 0) now; they reach the server with the next flush."""
         self.stage(params, tags)
         now = int(time.time() * 1000)
         staged, self._staged = self._staged, {"params": {}, "tags": {}, "metrics": {}}
         m = [Metric(k, float(v), now, 0) for k, v in staged["metrics"].items()]
         m += [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()]
-        p = [Param(k, str(v)[:PARAM_LEN]) for k, v in staged["params"].items()]
-        t = [RunTag(k, str(v)) for k, v in staged["tags"].items()]
-        self._submit(self._log_batch, m, p, t)
+        p = {k: str(v)[:PARAM_LEN] for k, v in staged["params"].items()}
+        t = {k: str(v) for k, v in staged["tags"].items()}
+        self._buffer.add({"m": [[x.key, x.value, x.timestamp, x.step] for x in m], "p": p, "t": t})
+        self._lines = self.outbox.add(m, p, t) if self.outbox else 0
+        if time.monotonic() - self._flushed_at >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what was logged since the last flush, in one request (more only past MLflow's batch limits)."""
+        self._flushed_at = time.monotonic()
+        if self._buffer:
+            batch, self._buffer = self._buffer, Batch()
+            self._submit(self._send, batch, self._lines)
+
+    def _send(self, batch: Batch, lines: int) -> None:
+        self._log_batch(*batch.entities())
+        if self.outbox:
+            self.outbox.sent(lines)
 
     def _log_batch(self, m: list, p: list, t: list) -> None:
         # Usually one request; split only where MLflow's per-request limits demand it.
@@ -170,37 +205,60 @@ class RunTracker:
         self._submit(self._log_files, dict(files))
 
     def _log_files(self, files: dict[str, str | bytes]) -> None:
+        info = self._run.result()
+        location = info.artifact_uri or self.client.get_run(info.run_id).info.artifact_uri
         with tempfile.TemporaryDirectory() as tmp:
             for name, content in files.items():
                 path = Path(tmp) / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(content if isinstance(content, bytes) else content.encode())
             # tracking_uri: an mlflow-artifacts:/ location (a shared server's proxy) resolves to our server
-            get_artifact_repository(self._run.result().info.artifact_uri,
-                                    tracking_uri=self.client.tracking_uri).log_artifacts(tmp)
+            get_artifact_repository(location, tracking_uri=self.client.tracking_uri).log_artifacts(tmp)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (in the background if so built: call ``close`` before the process exits)."""
         if any(self._staged.values()):
             self.log()
-        self._submit(lambda: self.client.set_terminated(self.run_id, status))
+        self.flush()
+        if self.outbox:
+            self.outbox.end(status)
+        self._submit(self._terminate, status)
+
+    def _terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+        if self.outbox:
+            self.outbox.close(done=True)  # the server holds it all
 
     def close(self) -> None:
         """Wait for background requests; a failed one becomes a warning, never a lost trial."""
         failed = [e for future in self._pending if (e := future.exception()) is not None]
         if failed:
+            kept = f" and its points in {self.outbox.path}" if self.outbox else ""
             log.warning("MLflow logging failed for run %s (%d request(s)): %s; the trial's result is safe in "
-                        "the Optuna storage and the next `bnsweep sweep` completes its run",
-                        self._run_id_or_none(), len(failed), failed[0])
+                        "the Optuna storage%s, and the next `bnsweep sweep` completes its run",
+                        self._run_id_or_none(), len(failed), failed[0], kept)
         self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self.outbox:
+            self.outbox.close(done=False)  # still owed to the server: kept for ``outbox.replay``
+
+    @property
+    def answered(self) -> bool:
+        """Every request so far answered (background: after ``close``)."""
+        return self._broken is None
 
     def _run_id_or_none(self) -> str | None:
         try:
             return self.run_id
         except Exception:
             return None
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    artifact_uri: str | None
 
 
 def _done(value: Any) -> Future:
@@ -249,8 +307,12 @@ def mark_killed(client: MlflowClient, experiment_id: str, study_name: str, trial
 
 
 def answers(uri: str, timeout: float = 5.0) -> bool:
-    """Whether the MLflow server at ``uri`` answers now (its /health; a local store always does)."""
-    if not uri.startswith(("http://", "https://")):
+    """Whether the MLflow server at ``uri`` answers now (its /health; a local store always does).
+
+    A run's request answered within the last ``ANSWERED_S`` seconds counts: no probe per trial. Should the
+    server go away meanwhile, that run's points wait in its outbox.
+    """
+    if not uri.startswith(("http://", "https://")) or time.monotonic() - _ANSWERED.get(uri, -ANSWERED_S) < ANSWERED_S:
         return True
     try:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
@@ -259,10 +321,12 @@ def answers(uri: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def quick_requests() -> None:
-    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(REQUEST_RETRIES))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+def quick_requests(retries: int = REQUEST_RETRIES, timeout_s: int = REQUEST_TIMEOUT_S) -> None:
+    """Few, short MLflow request retries (unless set): an away server costs seconds, not minutes.
+
+    Set in the environment, so the workers a driver starts inherit its ``tracking.request_*``."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout_s))
 
 
 # ---------------------------------------------------------------------- run names

@@ -55,7 +55,7 @@ def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
     model = copy.deepcopy(model).eval()
     layers = walk.layers(model)
     if sum(map(walk.is_bn, layers)) != sum(map(walk.is_bn, model.modules())):
-        return _precise_nested(model, train_x, chunk)
+        return _precise_nested(model, train_x, chunk, walk)
     cached: list[Any] | None = None  # the states entering layers[done], chunk by chunk
     done = 0
     for k, bn in enumerate(layers):
@@ -72,20 +72,25 @@ def precise_bn(model: nn.Module, train_x: torch.Tensor, chunk: int = 1000,
     return model
 
 
-def _precise_nested(model: nn.Module, train_x: torch.Tensor, chunk: int) -> nn.Module:
+@torch.no_grad()
+def _precise_nested(model: nn.Module, train_x: torch.Tensor, chunk: int, walk: Walk = Walk()) -> nn.Module:
     """precise_bn for a network with BN inside blocks (residual MLP, ResNet): one eval-mode pass over the
     training set per BN, in network order, reading its input with a hook (earlier BNs already hold theirs)."""
-    for bn in [m for m in model.modules() if isinstance(m, BN_TYPES)]:
+    for bn in [m for m in model.modules() if walk.is_bn(m)]:
         seen: list[tuple[float, torch.Tensor, torch.Tensor]] = []
-        hook = bn.register_forward_pre_hook(lambda m, args, seen=seen: seen.append(_moments(args[0])))
+
+        def record(m: nn.Module, args: tuple, seen: list = seen) -> None:
+            seen.append(_moments(walk.channels(m, args[0] if len(args) == 1 else args)))  # a population: (x, layout)
+
+        hook = bn.register_forward_pre_hook(record)
         try:
             for x in train_x.split(chunk):
                 model(x)
         finally:
             hook.remove()
         mean, var = _combine(seen)
-        bn.running_mean.copy_(mean.to(bn.running_mean.dtype))
-        bn.running_var.copy_(var.to(bn.running_var.dtype))
+        for buf, value in ((bn.running_mean, mean), (bn.running_var, var)):
+            buf.view(-1, value.numel()).copy_(value.to(buf.dtype))  # (stacked: one row per member, or all alike)
     return model
 
 

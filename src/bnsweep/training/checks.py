@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from bnsweep.config import instantiate
@@ -47,6 +48,8 @@ def validate(cfg: DictConfig) -> None:
         check_int("train.eval_batch_sizes", size, 1)
     if cfg.get("threads") is not None:
         check_int("threads", cfg.threads, 1)
+    if cfg.tracking.get("flush_s") is not None:
+        check_range("tracking.flush_s", cfg.tracking.flush_s, 0)
 
 
 # Keys whose YAML value must be a real int / bool: Hydra passes `32.5` or `no` (a string) through
@@ -80,6 +83,12 @@ def check_norm(norm: dict, cfg: DictConfig) -> None:
     devices = cfg.trainer.get("devices", 1)
     ddp = "ddp" in str(cfg.trainer.get("strategy", "auto")) and isinstance(devices, int) and devices > 1
     shard = cfg.data.batch_size // devices if ddp and cfg.data.batch_size % devices == 0 else cfg.data.batch_size
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if norm["sync"] and ddp and on_cpu:
+        raise ConfigError("model.norm.sync=true is not allowed with trainer=ddp on CPU processes: torch's "
+                          "SyncBatchNorm runs on GPUs only; allowed: GPUs (trainer.accelerator=gpu), or sync=false "
+                          "(statistics per process)")
     if norm["kind"] == "ghost_batch" and shard % norm["virtual_batch"]:
         where = f"data.batch_size={cfg.data.batch_size}" + (f" (a shard of {shard} per device)" if ddp else "")
         raise ConfigError(f"model.norm.virtual_batch={norm['virtual_batch']} does not divide {where}; allowed: a "

@@ -118,7 +118,9 @@ def make_norm(norm: Mapping[str, Any], width: int, spatial: bool, where: str, ki
     if width % groups:
         raise ConfigError(f"model.norm.groups={groups} does not divide the {width} channels of {where}; allowed: "
                           f"a divisor of every normalized width (e.g. {_divisor_below(width, groups)})")
-    return nn.GroupNorm(groups, width, eps=eps, affine=affine)
+    layer = nn.GroupNorm(groups, width, eps=eps, affine=affine)
+    layer.norm_kind = kind  # group with groups == channels computes what instance does; the name says which was asked
+    return layer
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -130,8 +132,9 @@ def kind_of(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return "batch"
     if isinstance(module, nn.GroupNorm):
-        return "layer" if module.num_groups == 1 else "instance" if module.num_groups == module.num_channels \
+        groups = "layer" if module.num_groups == 1 else "instance" if module.num_groups == module.num_channels \
             else "group"
+        return getattr(module, "norm_kind", groups)
     return None
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna import TrialPruned
 
 from bnsweep.config import instantiate
-from bnsweep.defaults import CONF_DIR
+from bnsweep.defaults import CONF_DIR, FLUSH_S
 from bnsweep.errors import redact, run_app
 from bnsweep.tracking.runs import RunTracker, flatten, git_commit, resolve_uri
 from bnsweep.tracking.server import check_reachable
@@ -142,16 +142,17 @@ def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataM
 def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background: bool,
                 tags: dict[str, str] | None = None) -> RunTracker:
     return RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"), tags=tags,
-                               parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background)
+                      parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background,
+                      flush_s=cfg.tracking.get("flush_s", FLUSH_S))
 
 
 def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, model: torch.nn.Module,
               device: torch.device) -> None:
-    """Params, provenance tags and parameter counts (sent with the first epoch), config/summary artifacts.
+    """Params, provenance tags and parameter counts (sent with the first flush), config/summary artifacts.
 
     The caller's own tags (trial, study) went with ``create_run`` already (``new_tracker``).
     """
-    tracker.stage(  # sent with the first epoch's metrics: one request fewer
+    tracker.stage(  # sent with the first flush: one request fewer
         params={**flatten(OmegaConf.to_container(cfg, resolve=True)), "val_every": cfg.train.get("val_every"),
                 "lr_effective": lr_scaling.effective_lr(cfg)},  # optimizer.lr after optimizer.lr_scaling
         tags={"git_commit": git_commit(), "mlflow.source.git.commit": git_commit(),
