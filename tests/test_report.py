@@ -283,3 +283,21 @@ def test_report_renders_any_grid_shape(grid: dict[str, list[str]], tmp_path: Pat
         rms = md.split("**rmsprop vs sgd**")[1]
         line = next(x for x in rms.splitlines() if x.startswith("- best val acc:"))
         assert "not resolved" in line  # rmsprop - sgd: no difference but noise
+
+
+def test_a_batch_size_grid_is_compared_within_and_across_batch_sizes(tmp_path: Path) -> None:
+    """kind x batch size: kinds within each batch size, and each batch size against the one nearest
+    optimizer.reference_batch (32: here 16) within each kind."""
+    from bnsweep.report.build import render
+
+    grid = {"model.norm.kind": ["none", "batch", "group"], "data.batch_size": ["2", "16", "256"]}
+    attrs = {"target_acc": 0.8, "search_range": (1e-3, 10.0), "grid": dict.fromkeys(grid), "n_trials": 6,
+             "epochs": 1, "repeats": 5, "sampler": {"name": "grid"}, "description": "synthetic"}
+    render("synthetic", attrs, fake_cells(grid, {"group": 0.05, "2": -0.03}), tmp_path, 60, "-")
+    md = (tmp_path / "report.md").read_text()
+    assert "### batch_size=2" in md and "**Which normalization? batch vs group**" in md
+    assert "**Does normalization help? group vs none**" in md and "Does BN help?" not in md
+    for kind in ("none", "batch", "group"):
+        across = md.split(f"### kind={kind}\n")[1].split("###")[0]
+        assert "**batch_size=2 vs batch_size=16**" in across and "**batch_size=256 vs batch_size=16**" in across
+        assert "batch_size=2 is less accurate than batch_size=16" in across  # -0.03 on every paired seed

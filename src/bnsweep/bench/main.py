@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         from bnsweep.bench.norm_kinds import report as report_norms
 
         report_norms(steps=10 if args.quick else 40, rounds=1 if args.quick else 3, k=2 if args.quick else 8,
-                     budget_s=0.1 if args.quick else 1.0)
+                     budget_s=0.1 if args.quick else 1.0, batches=(1, 32) if args.quick else (1, 1024))
     if args.only in (None, "population"):
         from bnsweep.bench.population import report as report_population
 

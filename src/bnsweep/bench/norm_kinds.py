@@ -72,7 +72,8 @@ def norm_layer_s(model: nn.Module, x: torch.Tensor, steps: int) -> float:
 
 
 def bench(steps: int = 40, rounds: int = 3, k: int = 8, budget_s: float = 1.0,
-          archs: Sequence[str] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+          archs: Sequence[str] | None = None,
+          batches: Sequence[int] = (1, 1024)) -> dict[str, dict[str, dict[str, float]]]:
     """arch -> kind -> measurements (s per step single / per member in a population, latencies)."""
     torch.set_num_threads(1)  # as a sweep worker
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -105,7 +106,7 @@ def bench(steps: int = 40, rounds: int = 3, k: int = 8, budget_s: float = 1.0,
             models = {"nobn": plain, "bn": model}
             if kind in BATCH_KINDS:
                 models["folded"] = fold_bn(model, spec.shape)
-            m = measure(models, spec.shape, repeats=200, budget_s=budget_s)
+            m = measure(models, spec.shape, batches=batches, repeats=200, budget_s=budget_s)
             out[arch][kind] |= {key: v for key, v in m.items() if key.startswith("latency_")}
     return out
 
@@ -115,25 +116,28 @@ def _cell(m: dict[str, float], batch: int, name: str) -> str:
     return f"{m[key]:5.2f}x" if key in m else "  -   "
 
 
-def report(steps: int = 40, rounds: int = 3, k: int = 8, budget_s: float = 1.0) -> None:
+def report(steps: int = 40, rounds: int = 3, k: int = 8, budget_s: float = 1.0,
+           batches: Sequence[int] = (1, 1024)) -> None:
     print(f"\n[norms] each model.norm.kind vs none, measured side by side ({rounds} interleaved rounds, 1 thread, "
           f"CPU): training step at batch 32 (single, and per member of a K={k} population), its norm layers' "
-          "share, eval-mode forward at batch 1 / 1024 (folded where the kind has running statistics)")
-    results = bench(steps, rounds, k, budget_s)
+          f"share, eval-mode forward at batch {' / '.join(map(str, batches))} (folded where the kind has running "
+          "statistics)")
+    results = bench(steps, rounds, k, budget_s, batches=batches)
+    small, large = batches[0], batches[-1]
     for arch, kinds in results.items():
         none = kinds["none"]
         base_gain = none["single"] / none["member"]
         print(f"  {arch}")
         print(f"    {'kind':<13} {'train step':>10} {'vs none':>8} {'norms':>6} {'K-pop/member':>13} {'vs none':>8} "
-              f"{'pop gain':>8}   {'b1 eval':>7} {'folded':>7} {'b1024 eval':>10} {'folded':>7}")
+              f"{'pop gain':>8}   {f'b{small} eval':>7} {'folded':>7} {f'b{large} eval':>10} {'folded':>7}")
         losers = []
         for kind, m in kinds.items():
             gain = m["single"] / m["member"] if m["member"] == m["member"] else float("nan")
             share = m["norm"] / m["single"]
             print(f"    {kind:<13} {m['single'] * 1e3:8.2f}ms {m['single'] / none['single']:7.2f}x {share:6.0%} "
                   f"{m['member'] * 1e3:11.3f}ms {m['member'] / none['member']:7.2f}x {gain:7.1f}x   "
-                  f"{_cell(m, 1, 'bn'):>7} {_cell(m, 1, 'folded'):>7} {_cell(m, 1024, 'bn'):>10} "
-                  f"{_cell(m, 1024, 'folded'):>7}")
+                  f"{_cell(m, small, 'bn'):>7} {_cell(m, small, 'folded'):>7} {_cell(m, large, 'bn'):>10} "
+                  f"{_cell(m, large, 'folded'):>7}")
             if kind != "none" and not gain >= KEEP * base_gain:
                 losers.append(f"{kind} (population gain {gain:.1f}x vs none's {base_gain:.1f}x; its norm layers "
                               f"take {share:.0%} of a single step)")
