@@ -16,7 +16,7 @@ from torch import nn
 
 from bnsweep.deploy.export import ExportError, export
 from bnsweep.deploy.fold import AddBiasMap, ChannelShift, SignedMaxPool2d, fold_bn
-from bnsweep.errors import BnsweepError
+from bnsweep.errors import BnsweepError, ConfigError
 from bnsweep.training import checkpoint
 from bnsweep.training.data import acquire
 from bnsweep.training.models import CNN, MLP
@@ -222,8 +222,11 @@ def test_export_input_errors_name_the_problem(mlflow_server: str, tmp_path: Path
     for args, message in cases.items():
         with pytest.raises(BnsweepError, match=message.replace("(", r"\(").replace(")", r"\)")):
             export(make_cfg(*args, uri, config="export"))
-    with pytest.raises(ExportError, match=f"run_id=0123abc: no such MLflow run in {mlflow_server}"):
+    absent = "0123abc" + "0" * 25  # well formed (32 hex characters), in no experiment
+    with pytest.raises(ExportError, match=f"run_id={absent}: no such MLflow run in {mlflow_server}"):
+        export(make_cfg(f"run_id={absent}", uri, config="export"))
+    with pytest.raises(ConfigError, match="run_id='0123abc' is not allowed: an MLflow run id is 32 hexadecimal"):
         export(make_cfg("run_id=0123abc", uri, config="export"))
-    out = export_cli("run_id=0123abc", uri)  # the command line: one line, no traceback
+    out = export_cli(f"run_id={absent}", uri)  # the command line: one line, no traceback
     assert out.returncode != 0
-    assert out.stderr.strip() == f"error: run_id=0123abc: no such MLflow run in {mlflow_server}"
+    assert out.stderr.strip() == f"error: run_id={absent}: no such MLflow run in {mlflow_server}"
