@@ -35,7 +35,7 @@ from bnsweep.sweep.slots import live, retried
 from bnsweep.sweep.storage import open_storage, sweep_studies
 
 pytestmark = [pytest.mark.cluster, RunIf(slurm=True, postgres=True)]
-NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 48, 5, 20, 30
+NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 40, 10, 20, 30
 SCRIPTS = ROOT / "scripts"
 OUTAGE_LINE = "the Optuna storage (PostgreSQL at"
 
@@ -60,7 +60,8 @@ def root(*cmd: str) -> str:
 
 @pytest.fixture(scope="module")
 def sweep(cluster_mlflow: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """The fault sweep, driven in the background: 1 cell x 48 LR slots of 5 epochs, 3 workers."""
+    """The fault sweep, driven in the background: 1 cell x 40 LR slots of 10 epochs (long enough to be hit
+    mid-trial on a fast machine), 3 workers."""
     store = tmp_path_factory.mktemp("faults")
     storage = new_database()
     args = ["sweep=tiny", f"sweep.name={NAME}", "sweep.grid={model.bn.placement:[none]}", f"sweep.n_trials={SLOTS}",
@@ -144,8 +145,9 @@ def test_mlflow_server_restarted_mid_sweep(sweep: SimpleNamespace) -> None:
 
 def test_requeue_preemption_and_node_loss_at_once(sweep: SimpleNamespace) -> None:
     """One worker's job requeued, one preempted, one's node killed, at the same moment (one trial each)."""
-    def three() -> list[FrozenTrial] | None:
-        by_job = {t.user_attrs["worker"]["job"]: t for t in training(sweep)}
+    def three() -> list[FrozenTrial] | None:  # each worker's trial with the most epochs still to go
+        by_job = {t.user_attrs["worker"]["job"]: t for t in sorted(
+            training(sweep), key=lambda t: t.user_attrs["worker"]["claimed_at"])}
         return list(by_job.values()) if len(by_job) == 3 else None
 
     assert sweep.driver.poll() is None, sweep.log.read_text()[-2000:]

@@ -24,6 +24,7 @@ from typing import Any
 from bnsweep.defaults import SLURM_COMMAND_TIMEOUT_S, SLURM_POLL_S
 from bnsweep.errors import ConfigError, check_range, redact
 from bnsweep.sweep.launch_local import apply_env, rank_env
+from bnsweep.sweep.slots import slurm_job
 
 log = logging.getLogger("bnsweep.cluster")
 JOBS_FILE = "slurm_jobs.txt"  # job ids of the sweep's workers, for ``action=status`` to re-attach
@@ -66,7 +67,9 @@ def requeue_after_stop(why: str, requeue: RequeuePolicy) -> None:
     trial back has nothing left to do, so it requeues its job at once (as submitit does at the time limit)
     and the node goes to the preemptor without waiting out the grace time.
     """
-    job = os.environ.get("SLURM_JOB_ID")
+    # an array task by its own name: the raw SLURM_JOB_ID of the array's first task is the array's id, and
+    # ``scontrol requeue <array id>`` would requeue every task of the array
+    job = slurm_job()
     if not job or not requeue.on:
         return
     if why == "time":  # launcher.signal_delay_s before the time limit

@@ -8,10 +8,12 @@ import logging
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from bnsweep.errors import TrackingError
 from bnsweep.population.loop import run_population
 from bnsweep.sweep.heartbeat import Heartbeat, beating
 from bnsweep.sweep.outcomes import disk_full
 from bnsweep.tracking.runs import answers
+from bnsweep.tracking.server import check_reachable
 from bnsweep.training.pruning import CheckPruning
 from bnsweep.training.run import run_training
 
@@ -63,7 +65,8 @@ class Running:
                     parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
                     trials=[None if t.user_attrs.get("repeat") else t for t in trials],  # repeats: full budget
                     heartbeats=[Heartbeat(self.storage, t).beat for t in trials],
-                    on_done=lambda i, result: self.record(study, trials[i], result))
+                    on_done=lambda i, result: self.record(study, trials[i], result),
+                    track=self.tracking_answers(trials[0]))  # MLflow away: untracked, as a single trial
         except Exception as e:
             for t in trials:
                 if not self.storage.get_trial(t._trial_id).state.is_finished():
@@ -73,11 +76,20 @@ class Running:
 
     def tracking_answers(self, trial: optuna.Trial) -> bool:
         """MLflow away at a trial's start: train it untracked rather than fail it (its result goes to the
-        storage; the driver rebuilds its run from there, ``Sweep.complete_runs``)."""
-        if answers(self.tracking_uri):
-            return True
-        log.warning("MLflow at %s does not answer: trial %d trains without an MLflow run; the next "
-                    "`bnsweep sweep` rebuilds its run from the Optuna storage", self.tracking_uri, trial.number)
+        storage; the driver rebuilds its run from there, ``Sweep.complete_runs``).
+
+        Away includes a server whose own store is away (its database restarting: HTTP 503 while /health
+        says 200): the API call of ``check_reachable`` (once per process, then cached) asks the store too.
+        """
+        try:
+            check_reachable(self.tracking_uri)
+            if answers(self.tracking_uri):
+                return True
+            why = "does not answer"
+        except TrackingError as e:
+            why = f"does not serve this worker now ({str(e).split('(')[-1].split(')')[0]})"
+        log.warning("MLflow at %s %s: trial %d trains without an MLflow run; the next `bnsweep sweep` rebuilds "
+                    "its run from the Optuna storage", self.tracking_uri, why, trial.number)
         return False
 
     def flush(self, keep: int = 0) -> None:
