@@ -8,7 +8,7 @@ deleted once the server has ended the run. A worker killed mid-run, or a server 
 run if the server never saw it, and ends it if its trial had ended. The writer holds an exclusive
 ``flock`` while the run is live, so ``replay`` never touches a run that is still training.
 
-Lines: ``{"open": {uri, experiment, experiment_id, run_name, tags}}``, ``{"run_id": id}``,
+Lines: ``{"open": {uri, experiment, experiment_id, run_name, tags, opened_ms}}``, ``{"run_id": id}``,
 ``{"m": [[key, value, timestamp_ms, step], ...], "p": {key: value}, "t": {key: value}}``,
 ``{"sent": lines}``, ``{"end": status}``.
 """
@@ -165,6 +165,22 @@ def left_behind(store_dir: str | Path) -> Iterator[Left]:
             os.close(fd)
 
 
+def created(client: MlflowClient, experiment_id: str, opening: Mapping[str, Any]) -> str | None:
+    """The run a killed writer created after all, though its answer (the run id) never reached the file.
+
+    Its create request may have reached the server just before the kill: the run is the one with the
+    opening's tags and name, started no earlier than the file was opened. Creating another would duplicate it.
+    """
+    tags = {k: v for k, v in (opening.get("tags") or {}).items() if "'" not in str(v) and "`" not in k}
+    if not tags or "opened_ms" not in opening:
+        return None
+    where = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    where.append(f"attributes.start_time >= {int(opening['opened_ms']) - 1000}")
+    runs = [r for r in client.search_runs([experiment_id], " and ".join(where), max_results=10)
+            if r.info.run_name == opening.get("run_name", r.info.run_name)]
+    return runs[0].info.run_id if runs else None
+
+
 def replay(client: MlflowClient, store_dir: str | Path, uri: str | None = None) -> int:
     """Send what killed or cut-off runs left in the outbox; returns the runs replayed.
 
@@ -182,8 +198,8 @@ def replay(client: MlflowClient, store_dir: str | Path, uri: str | None = None) 
             if run_id is None:
                 o = left.opening
                 experiment_id = o.get("experiment_id") or client.get_experiment_by_name(o["experiment"]).experiment_id
-                run_id = client.create_run(experiment_id, run_name=o.get("run_name"),
-                                           tags=o.get("tags") or {}).info.run_id
+                run_id = created(client, experiment_id, o) or client.create_run(
+                    experiment_id, run_name=o.get("run_name"), tags=o.get("tags") or {}).info.run_id
             if left.batch:
                 client.log_batch(run_id, *left.batch.entities())
             if left.end:

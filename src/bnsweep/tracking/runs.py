@@ -124,7 +124,7 @@ class RunTracker:
             self._broken, self.experiment_id = e, None
         self.outbox: Outbox | None = Outbox(store_dir, {
             "uri": uri, "experiment": experiment, "experiment_id": self.experiment_id, "run_name": run_name,
-            "tags": tags})
+            "tags": tags, "opened_ms": int(time.time() * 1000)})
         self._run = self._submit(self._create, run_name, tags)
 
     @classmethod
