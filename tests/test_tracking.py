@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from helpers import ROOT
 from mlflow.tracking import MlflowClient
 
@@ -64,13 +65,16 @@ def test_buffered_run_holds_what_todays_run_holds_in_three_requests(mlflow_serve
     assert not list(outbox.folder(tmp_path).glob("*.jsonl"))  # both runs ended: their outbox files are gone
 
 
+@pytest.mark.parametrize("offline", [False, True], ids=["away-mid-run", "away-at-start"])
 def test_points_logged_while_mlflow_is_unreachable_are_replayed_from_the_outbox(
-        mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
+        mlflow_server: str, tmp_path: Path, monkeypatch, offline: bool) -> None:
+    """MLflow away mid-run (its requests fail) or at the run's start (a worker then sends none: ``offline``)."""
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     client = MlflowClient(mlflow_server)
     get_or_create_experiment(client, "t-outbox", None)
-    away = RunTracker("http://127.0.0.1:9", "t-outbox", "away", tags={**TAGS, "optuna.trial_id": "away"},
-                      store_dir=tmp_path, background=True, flush_s=0)  # nothing listens on port 9
+    trial_id = f"away-{offline}"
+    away = RunTracker("http://127.0.0.1:9", "t-outbox", "away", tags={**TAGS, "optuna.trial_id": trial_id},
+                      store_dir=tmp_path, background=True, flush_s=0, offline=offline)  # nothing on port 9
     away.stage(params={"optimizer.lr": 0.1})
     for step in (10, 20, 30):
         away.log({"val_acc": step / 100, "val_loss": 1 / step}, step=step)
@@ -82,7 +86,7 @@ def test_points_logged_while_mlflow_is_unreachable_are_replayed_from_the_outbox(
     assert outbox.replay(MlflowClient("http://127.0.0.1:8"), tmp_path) == 0  # another server's: left alone
     assert outbox.replay(client, tmp_path, uri="http://127.0.0.1:9") == 1  # MLflow answers again (elsewhere)
     (run,) = client.search_runs([get_or_create_experiment(client, "t-outbox", None)],
-                                "tags.`optuna.trial_id` = 'away'")
+                                f"tags.`optuna.trial_id` = '{trial_id}'")
     assert run.info.status == "FINISHED" and run.info.run_name == "away"
     assert run.data.params == {"optimizer.lr": "0.1"}
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_acc")] == [

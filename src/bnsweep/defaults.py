@@ -36,6 +36,7 @@ SLURM_POLL_S: float = float(_SLURM.poll_s)  # squeue at most this often
 SLURM_COMMAND_TIMEOUT_S: float = float(_SLURM.command_timeout_s)  # squeue/scancel given up after this long
 _TRACKING = OmegaConf.load(Path(CONF_DIR) / "tracking" / "default.yaml")
 FLUSH_S: float = float(_TRACKING.flush_s)  # a run's points reach the MLflow server at most this often
+ANSWERED_S: float = float(_TRACKING.answered_s)  # a server that answered this recently is not probed again
 
 
 def worker_count() -> int:

@@ -236,12 +236,9 @@ def test_sweep_ends_exact_after_every_fault(sweep: SimpleNamespace) -> None:
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
     finished = {r.data.tags["optuna.trial_id"]: r for r in runs if r.info.status == "FINISHED"}
     assert sorted(finished) == sorted(str(t._trial_id) for t in kept)  # one FINISHED run per slot
-    # every completed trial's run holds its whole per-check curve, those trained on while MLflow was away
-    # included (replayed from the outbox); only a trial that *started* in the outage trained without a run
-    # (its worker said so), and its run, rebuilt from the storage, holds the final metrics only
+    # every completed trial's run holds its whole per-check curve, those trained while MLflow was away
+    # included: a trial that started in the outage kept its run on local disk (its worker said so), and the
+    # driver sent it, replayed from the outbox
     curves = {t.number: len(client.get_metric_history(finished[str(t._trial_id)].info.run_id, "val_acc"))
               for t in kept if t.state == TrialState.COMPLETE}
-    untracked = {int(n) for text in workers.values()
-                 for n in re.findall(r"trial (\d+) trains without an MLflow run", text)}
-    assert all(n >= EPOCHS or (n == 0 and number in untracked) for number, n in curves.items()), (curves, untracked)
-    assert sum(n >= EPOCHS for n in curves.values()) > len(curves) // 2, curves  # the outage is a short part
+    assert all(n >= EPOCHS for n in curves.values()), curves

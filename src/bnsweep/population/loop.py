@@ -40,6 +40,7 @@ from bnsweep.training.lr_scaling import effective_lr, optimizer_options
 from bnsweep.training.models import param_counts
 from bnsweep.training.pruning import report_check
 from bnsweep.training.run import (
+    OFFLINE,
     RunResult,
     abort_tracker,
     build_model,
@@ -371,7 +372,7 @@ class Population:
 
 def run_population(cfgs: Sequence[DictConfig], *, datamodule: InMemoryDataModule | None = None,
                    tags: Sequence[dict[str, str] | None] | None = None, parent_run_id: str | None = None,
-                   track: bool = True, background_logging: bool = False,
+                   track: bool | str = True, background_logging: bool = False,
                    trials: Sequence[optuna.Trial | None] | None = None,
                    heartbeats: Sequence[Callable[[], None] | None] | None = None,
                    on_done: Callable[[int, RunResult], None] | None = None) -> list[RunResult]:
@@ -407,7 +408,7 @@ def run_population(cfgs: Sequence[DictConfig], *, datamodule: InMemoryDataModule
     try:
         for m in members if track else ():
             own = {**((tags[m.index] if tags else None) or {}), "bnsweep.population": str(len(cfgs))}
-            m.tracker = new_tracker(m.cfg, uri, parent_run_id, background_logging, own)
+            m.tracker = new_tracker(m.cfg, uri, parent_run_id, background_logging, own, offline=track == OFFLINE)
             stage_run(m.tracker, m.cfg, dm, m.model, device)
         pop = Population(members, dm, device, done)
         pop.run(int(base.trainer.max_epochs))

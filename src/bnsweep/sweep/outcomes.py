@@ -30,7 +30,7 @@ class Outcomes:
 
     def record(self, study: optuna.Study, trial: optuna.Trial, result: RunResult) -> None:
         """Tell Optuna how the trial ended; its MLflow requests finish in the background."""
-        if result.tracker is not None:  # None: trained untracked, MLflow was away (tracking_answers)
+        if result.tracker is not None:
             self.trackers.append(result.tracker)
         with ended_elsewhere(trial, result.tracker):
             trial.set_user_attr("metrics", {k: v for k, v in result.metrics.items() if v == v})
@@ -53,6 +53,8 @@ def ended_elsewhere(trial: optuna.Trial, tracker: Any = None) -> Iterator[None]:
         log.warning("trial %d was retried elsewhere while this worker was paused; its result here is dropped",
                     trial.number)
         if tracker is not None:
+            if tracker.outbox:  # a run still owed to the server (MLflow away) is replayed as KILLED too
+                tracker.outbox.end("KILLED")
             tracker.close()
             with contextlib.suppress(Exception):
                 tracker.client.set_terminated(tracker.run_id, "KILLED")

@@ -15,7 +15,7 @@ from bnsweep.sweep.outcomes import disk_full
 from bnsweep.tracking.runs import answers
 from bnsweep.tracking.server import check_reachable
 from bnsweep.training.pruning import CheckPruning
-from bnsweep.training.run import run_training
+from bnsweep.training.run import OFFLINE, run_training
 
 log = logging.getLogger("bnsweep.worker")
 
@@ -41,7 +41,7 @@ class Running:
                 result = run_training(
                     cfg, datamodule=self.datamodule(cfg), tags=self.tags(study, trial),
                     parent_run_id=study.user_attrs.get("mlflow_parent_run_id"), background_logging=True,
-                    callbacks=[*pruning, Heartbeat(self.storage, trial)], track=self.tracking_answers(trial))
+                    callbacks=[*pruning, Heartbeat(self.storage, trial)], track=self.tracking(trial))
         except Exception as e:  # one trial's crash is recorded; the sweep goes on
             if disk_full(e):  # not the trial's fault: give it back (run) and stop this worker
                 raise
@@ -66,7 +66,7 @@ class Running:
                     trials=[None if t.user_attrs.get("repeat") else t for t in trials],  # repeats: full budget
                     heartbeats=[Heartbeat(self.storage, t).beat for t in trials],
                     on_done=lambda i, result: self.record(study, trials[i], result),
-                    track=self.tracking_answers(trials[0]))  # MLflow away: untracked, as a single trial
+                    track=self.tracking(trials[0]))  # MLflow away: to the outbox, as a single trial
         except Exception as e:
             for t in trials:
                 if not self.storage.get_trial(t._trial_id).state.is_finished():
@@ -74,9 +74,9 @@ class Running:
         # the previous trials' requests overlapped this population's training: wait for those only
         self.flush(keep=len(self.trackers) - before)
 
-    def tracking_answers(self, trial: optuna.Trial) -> bool:
-        """MLflow away at a trial's start: train it untracked rather than fail it (its result goes to the
-        storage; the driver rebuilds its run from there, ``Sweep.complete_runs``).
+    def tracking(self, trial: optuna.Trial) -> bool | str:
+        """MLflow away at a trial's start: train it with its run in the outbox alone rather than fail it (the
+        driver sends it, whole history included, once MLflow is back: ``Sweep.complete_runs``).
 
         Away includes a server whose own store is away (its database restarting: HTTP 503 while /health
         says 200): the API call of ``check_reachable`` (once per process, then cached) asks the store too.
@@ -88,9 +88,9 @@ class Running:
             why = "does not answer"
         except TrackingError as e:
             why = f"does not serve this worker now ({str(e).split('(')[-1].split(')')[0]})"
-        log.warning("MLflow at %s %s: trial %d trains without an MLflow run; the next `bnsweep sweep` rebuilds "
-                    "its run from the Optuna storage", self.tracking_uri, why, trial.number)
-        return False
+        log.warning("MLflow at %s %s: trial %d keeps its run on local disk; the next `bnsweep sweep` sends it",
+                    self.tracking_uri, why, trial.number)
+        return OFFLINE
 
     def flush(self, keep: int = 0) -> None:
         while len(self.trackers) > keep:

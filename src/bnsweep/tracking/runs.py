@@ -24,7 +24,7 @@ from mlflow.entities import Metric
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from bnsweep.defaults import FLUSH_S, REQUEST_RETRIES, REQUEST_TIMEOUT_S, STORE_DIR
+from bnsweep.defaults import ANSWERED_S, FLUSH_S, REQUEST_RETRIES, REQUEST_TIMEOUT_S, STORE_DIR
 from bnsweep.errors import redact
 from bnsweep.tracking.outbox import Batch, Outbox
 
@@ -38,7 +38,6 @@ PARAM_LEN = 6000
 # MLflow 3's UI opens an experiment by this tag: unset, it shows the GenAI overview (traces, tokens) of an
 # empty experiment; "custom_model_development" opens on the runs table, where our metrics are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-ANSWERED_S = 30.0  # a server that answered a run's request this recently is not probed again (``answers``)
 _ANSWERED: dict[str, float] = {}  # tracking uri -> when a background request last succeeded
 
 
@@ -106,7 +105,8 @@ class RunTracker:
 
     def __init__(self, uri: str, experiment: str, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, parent_run_id: str | None = None,
-                 store_dir: str | Path = STORE_DIR, background: bool = False, flush_s: float = FLUSH_S) -> None:
+                 store_dir: str | Path = STORE_DIR, background: bool = False, flush_s: float = FLUSH_S,
+                 offline: bool = False) -> None:
         self.client = MlflowClient(uri)
         tags = dict(tags or {})
         if parent_run_id:
@@ -116,12 +116,17 @@ class RunTracker:
         self._pending: list[Future] = []
         self._broken: Exception | None = None  # background: the first failed request; the rest are skipped
         self.flush_s, self._flushed_at, self._buffer, self._lines = float(flush_s), time.monotonic(), Batch(), 0
-        try:
-            self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root(uri, store_dir))
-        except Exception as e:
-            if not background:
-                raise
-            self._broken, self.experiment_id = e, None
+        self.offline = offline and background
+        if self.offline:  # MLflow away at the start: the outbox alone keeps the run, for ``outbox.replay``
+            self._broken = RuntimeError("MLflow was away when the run started")
+            self.experiment_id = _EXPERIMENTS.get((uri, experiment))
+        else:
+            try:
+                self.experiment_id = get_or_create_experiment(self.client, experiment, artifact_root(uri, store_dir))
+            except Exception as e:
+                if not background:
+                    raise
+                self._broken, self.experiment_id = e, None
         self.outbox: Outbox | None = Outbox(store_dir, {
             "uri": uri, "experiment": experiment, "experiment_id": self.experiment_id, "run_name": run_name,
             "tags": tags, "opened_ms": int(time.time() * 1000)})
@@ -245,7 +250,9 @@ class RunTracker:
     def close(self) -> None:
         """Wait for background requests; a failed one becomes a warning, never a lost trial."""
         failed = [e for future in self._pending if (e := future.exception()) is not None]
-        if failed:
+        if failed and self.offline:
+            log.info("MLflow away: the run waits in %s; the next `bnsweep sweep` sends it", self.outbox.path)
+        elif failed:
             kept = f" and its points in {self.outbox.path}" if self.outbox else ""
             log.warning("MLflow logging failed for run %s (%d request(s)): %s; the trial's result is safe in "
                         "the Optuna storage%s, and the next `bnsweep sweep` completes its run",

@@ -38,6 +38,7 @@ from bnsweep.training.diagnostics import Diagnostics
 from bnsweep.training.models import model_summary, param_counts
 
 log = logging.getLogger("bnsweep")
+OFFLINE = "outbox"  # ``track``: MLflow away at the start; the run goes to its outbox alone (outbox.replay)
 
 
 @dataclass
@@ -140,10 +141,10 @@ def inference_metrics(cfg: DictConfig, model: torch.nn.Module, dm: InMemoryDataM
 
 
 def new_tracker(cfg: DictConfig, uri: str, parent_run_id: str | None, background: bool,
-                tags: dict[str, str] | None = None) -> RunTracker:
+                tags: dict[str, str] | None = None, offline: bool = False) -> RunTracker:
     return RunTracker(uri, cfg.tracking.experiment, cfg.tracking.get("run_name"), tags=tags,
                       parent_run_id=parent_run_id, store_dir=cfg.tracking.store_dir, background=background,
-                      flush_s=cfg.tracking.get("flush_s", FLUSH_S))
+                      flush_s=cfg.tracking.get("flush_s", FLUSH_S), offline=offline)
 
 
 def stage_run(tracker: RunTracker, cfg: DictConfig, dm: InMemoryDataModule, model: torch.nn.Module,
@@ -223,13 +224,14 @@ def abort_tracker(tracker: RunTracker, e: BaseException) -> None:
     tracker.close()
 
 
-def prepare(cfg: DictConfig, datamodule: InMemoryDataModule | None, track: bool) -> tuple[str, InMemoryDataModule]:
+def prepare(cfg: DictConfig, datamodule: InMemoryDataModule | None,
+            track: bool | str) -> tuple[str, InMemoryDataModule]:
     """Before any training: quiet Lightning, the CPU threads, a reachable MLflow store, the data."""
     quiet_lightning()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     uri = resolve_uri(cfg.tracking.uri, cfg.tracking.store_dir)
-    if track:
+    if track is True:
         check_reachable(uri)
     dm = datamodule or build_datamodule(cfg)
     dm.setup("fit")
@@ -238,9 +240,12 @@ def prepare(cfg: DictConfig, datamodule: InMemoryDataModule | None, track: bool)
 
 def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = None,
                  callbacks: Sequence[pl.Callback] = (), tags: dict[str, str] | None = None,
-                 parent_run_id: str | None = None, track: bool = True,
+                 parent_run_id: str | None = None, track: bool | str = True,
                  background_logging: bool = False) -> RunResult:
     """Validate, build, fit, test and log one run. Reuse ``datamodule`` to skip loading data.
+
+    ``track``: True (an MLflow run), False (none), ``"outbox"`` (MLflow away: the run goes to the outbox
+    alone, with ``background_logging``, for ``outbox.replay`` to send later).
 
     ``background_logging`` sends MLflow requests from a thread (sweep workers): the caller then
     owns ``result.tracker`` and must ``close()`` it.
@@ -256,7 +261,8 @@ def run_training(cfg: DictConfig, *, datamodule: InMemoryDataModule | None = Non
     all_callbacks = list(callbacks) + ([diagnostics] if diagnostics else [])
     # The caller's tags (trial, study) go with create_run, so even a run killed in its first
     # epoch can be found and ended (tracking.runs.mark_killed).
-    tracker = new_tracker(cfg, uri, parent_run_id, background_logging, tags) if track else None
+    tracker = new_tracker(cfg, uri, parent_run_id, background_logging, tags,
+                          offline=track == OFFLINE) if track else None
     if tracker:
         all_callbacks.insert(0, CheckLogger(tracker))  # a check is logged even when a pruner stops the run there
     # model.norm.sync: Lightning swaps every BatchNorm for SyncBatchNorm under DDP (checks.py allows it for kind=batch)
