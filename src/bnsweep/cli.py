@@ -20,7 +20,9 @@ def _train(args: Sequence[str]) -> None:
 def _sweep(args: Sequence[str]) -> None:
     from bnsweep.sweep.launch_local import start_preloading
 
-    start_preloading()  # the workers' imports (~7 s) now overlap the driver's own
+    if not any((a.startswith("action=") and a != "action=run") or a == "launcher=slurm" for a in args):
+        start_preloading()  # the workers' imports (~7 s) now overlap the driver's own; status/stop start no
+        # worker, and SLURM's workers are jobs
     from bnsweep.sweep.driver import main
 
     _hydra(main, "sweep", args)

@@ -35,7 +35,7 @@ from bnsweep.sweep.slots import live, retried
 from bnsweep.sweep.storage import open_storage, sweep_studies
 
 pytestmark = [pytest.mark.cluster, RunIf(slurm=True, postgres=True)]
-NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 40, 10, 20, 30
+NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 100, 10, 20, 30
 SCRIPTS = ROOT / "scripts"
 OUTAGE_LINE = "the Optuna storage (PostgreSQL at"
 

@@ -132,6 +132,8 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
                 _skip(storage, study, t)
                 continue
         try:
+            if heartbeat_enabled(storage):  # first: a claimer killed right after the next line leaves a trial
+                storage.record_heartbeat(t._trial_id)  # that goes stale (retried), not one RUNNING forever
             if storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
                 fixed = (t.system_attrs.get("fixed_params") or {}).get(LR_KEY)
                 if basin is not None and not is_repeat(t) and (point or fixed):  # visible to the next claim
@@ -144,7 +146,7 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial | None:
                 now = time.time()
                 trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "claimed_at": now, "job": slurm_job()})
                 trial.set_user_attr("heartbeat", now)
-                if heartbeat_enabled(storage):  # stale from now on if its worker dies before training
+                if heartbeat_enabled(storage):  # its worker's own now
                     storage.record_heartbeat(t._trial_id)  # type: ignore[attr-defined]
                 return trial
         except optuna.exceptions.UpdateFinishedTrialError:
