@@ -39,9 +39,12 @@ train: $(STAMP)  ## one run: make train ARGS="experiment=seed001_bn"
 
 # No root needed: the report test renders with headless Chromium when one is on PATH and otherwise skips,
 # saying so (.ci/run installs Debian's package first, so CI always renders; `make chromium` does it here).
+# Two test processes (pytest-xdist, a file each at a time): most tests wait on a server or a subprocess, so one
+# process left a core idle. TEST_JOBS=1 runs them in one process, in order.
+TEST_JOBS ?= 2
 test: $(STAMP)  ## the whole suite, CPU only; starts (and stops) its own MLflow server
 	$(PY) -m ruff check src tests
-	$(PY) -m pytest -q -m "not cluster" $(ARGS)  # tests/cluster: make test-cluster
+	$(PY) -m pytest -q -m "not cluster" $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile) $(ARGS)  # tests/cluster: make test-cluster
 
 test-fast: $(STAMP)  ## the edit loop (< 3 min): every test that starts no process, server or sweep
 	$(PY) -m ruff check src tests

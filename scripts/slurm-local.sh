@@ -201,7 +201,7 @@ do_start() {
     spawn slurmdbd /usr/sbin/slurmdbd -D
     wait_for 30 slurmdbd sacctmgr -n list cluster
   fi
-  spawn slurmctld /usr/sbin/slurmctld -D -i -f "$SLURM_CONF"
+  spawn slurmctld /usr/sbin/slurmctld -D -c -i -f "$SLURM_CONF"  # -c: a fresh cluster, no jobs of an earlier one
   wait_for 30 slurmctld scontrol ping
   local n
   for n in $(node_names); do start_slurmd "$n"; done

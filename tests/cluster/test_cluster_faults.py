@@ -35,7 +35,7 @@ from bnsweep.sweep.slots import live, retried
 from bnsweep.sweep.storage import open_storage, sweep_studies
 
 pytestmark = [pytest.mark.cluster, RunIf(slurm=True, postgres=True)]
-NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 100, 10, 20, 30
+NAME, SLOTS, EPOCHS, STALE_S, DOWN_S = "c_faults", 40, 30, 20, 30
 SCRIPTS = ROOT / "scripts"
 OUTAGE_LINE = "the Optuna storage (PostgreSQL at"
 
@@ -60,7 +60,7 @@ def root(*cmd: str) -> str:
 
 @pytest.fixture(scope="module")
 def sweep(cluster_mlflow: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
-    """The fault sweep, driven in the background: 1 cell x 40 LR slots of 10 epochs (long enough to be hit
+    """The fault sweep, driven in the background: 1 cell x 40 LR slots of 30 epochs (long enough to be hit
     mid-trial on a fast machine), 3 workers."""
     store = tmp_path_factory.mktemp("faults")
     storage = new_database()
@@ -79,8 +79,9 @@ def sweep(cluster_mlflow: SimpleNamespace, tmp_path_factory: pytest.TempPathFact
     if getattr(s, "second", None) is not None:
         s.second.kill()
     subprocess.run(["scancel", "-n", f"bnsweep-{NAME}"], capture_output=True, timeout=60)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     for fault, seconds in s.measured.items():
-        print(f"measured (2-core AMD EPYC, shared): {fault}: {seconds:.1f} s")
+        print(f"measured ({os.cpu_count()} x {cpu}, load {os.getloadavg()[0]:.1f}): {fault}: {seconds:.1f} s")
 
 
 def trials(s: SimpleNamespace) -> list[FrozenTrial]:
