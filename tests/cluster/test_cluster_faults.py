@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -79,7 +80,8 @@ def sweep(cluster_mlflow: SimpleNamespace, tmp_path_factory: pytest.TempPathFact
     if getattr(s, "second", None) is not None:
         s.second.kill()
     subprocess.run(["scancel", "-n", f"bnsweep-{NAME}"], capture_output=True, timeout=60)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
     for fault, seconds in s.measured.items():
         print(f"measured ({os.cpu_count()} x {cpu}, load {os.getloadavg()[0]:.1f}): {fault}: {seconds:.1f} s")
 
