@@ -9,11 +9,12 @@ import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from bnsweep.sweep.definition import parse
-from bnsweep.sweep.slots import claim, counts, give_back, recover_study, search_done, top_up
+from bnsweep.sweep.slots import claim, counts, give_back, recover_lost, recover_study, search_done, top_up
 
 
 def test_stale_trial_is_retried_in_its_slot_and_counted_once(tmp_path: Path) -> None:
@@ -72,3 +73,31 @@ def test_a_stopped_population_gives_back_only_its_unfinished_members(tmp_path: P
         give_back(storage, study, t)
     states = {t.number: (t.state, "lost" in t.user_attrs) for t in study.get_trials()}
     assert states == {0: (TrialState.COMPLETE, False), 1: (TrialState.FAIL, True), 2: (TrialState.FAIL, True)}
+
+
+class DiesMidClaim(RDBStorage):
+    """A claimer killed the moment it took its trial: before it could write anything else about it."""
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: object) -> None:
+        if key == "worker":
+            raise KeyboardInterrupt("killed mid-claim")
+        super().set_trial_user_attr(trial_id, key, value)
+
+
+def test_a_claimer_killed_mid_claim_leaves_a_trial_that_goes_stale(tmp_path: Path) -> None:
+    """Optuna judges staleness by heartbeat rows only: a trial taken without one stayed RUNNING forever and
+    its cluster workers waited for it (found by the 3-node fault test). The claim records one first."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    dying = DiesMidClaim(url, heartbeat_interval=1, grace_period=1,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    study = optuna.create_study(storage=dying, study_name="t/c", direction="maximize")
+    study.enqueue_trial({}, user_attrs={"slot": 0})
+    with pytest.raises(KeyboardInterrupt):
+        claim(dying, study)
+    storage = RDBStorage(url, heartbeat_interval=1, grace_period=1,
+                         heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    study = optuna.load_study(study_name="t/c", storage=storage)
+    assert counts(study) == {"running": 1}
+    time.sleep(2.5)
+    assert [t.number for t in recover_lost(storage, study, 1)] == [0]
+    assert counts(study) == {"lost": 1, "waiting": 1}  # Optuna's copy holds the slot
