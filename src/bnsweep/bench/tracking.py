@@ -16,6 +16,7 @@ BNSWEEP_TEST_PG names one, PostgreSQL.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -24,8 +25,10 @@ import statistics
 import tempfile
 import threading
 import time
+import urllib.parse
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -231,7 +234,8 @@ def tracking_backend(label: str, backend_store: str | None, workers: list[int], 
                     t, b = got["today"], got["buffered"]
                     print(f"    {n:7d}   {n / trial_s:9.1f}   {t['sustained']:15.1f}  {t['per_trial']:9.2f}  "
                           f"{t['cpu_ms']:6.0f}   {b['sustained']:18.1f}  {b['per_trial']:9.2f}  {b['cpu_ms']:6.0f}   "
-                          f"{t['per_trial'] / max(b['per_trial'], 1e-9):6.1f}x")
+                          + (f"{t['per_trial'] / b['per_trial']:6.1f}x" if b["per_trial"] and t["per_trial"]
+                             else "     -  (no request answered: past the knee)"))
                 b_last = rows[-1]["buffered"]["requests"]
                 print(f"    buffered requests by kind (last level): {dict(b_last.most_common())}")
                 print(f"    knee, today's pattern:   {knee([r['today'] for r in rows])}")
@@ -290,6 +294,24 @@ def optuna_claims(url: str, claimers: int, trials: int) -> tuple[int, float, flo
     return done[0], time.monotonic() - start, statistics.median(claim_ms or [0]), statistics.median(tell_ms or [0])
 
 
+@contextlib.contextmanager
+def scratch_database(url: str) -> Iterator[str]:
+    """A database of its own on ``url``'s PostgreSQL server, dropped after: MLflow and Optuna both keep an
+    ``alembic_version`` table, so one database cannot hold both, and a bench leaves nothing behind."""
+    import psycopg
+
+    parts = urllib.parse.urlsplit(url)
+    admin = urllib.parse.urlunsplit(parts._replace(scheme="postgresql"))  # libpq's form (no +driver)
+    name = f"bnsweep_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urllib.parse.urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with contextlib.suppress(Exception), psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
 def report_optuna(levels: tuple[int, ...], trials: int) -> None:
     import optuna
 
@@ -303,8 +325,8 @@ def report_optuna(levels: tuple[int, ...], trials: int) -> None:
         if url == "":
             print(f"  {label}: skipped (set BNSWEEP_TEST_PG=postgresql://... to measure it)")
             continue
-        with tempfile.TemporaryDirectory(prefix="bnsweep-bench-") as tmp:
-            target = url or str(Path(tmp) / "bench.journal")
+        with tempfile.TemporaryDirectory(prefix="bnsweep-bench-") as tmp, (
+                scratch_database(url) if url else contextlib.nullcontext(str(Path(tmp) / "bench.journal"))) as target:
             print(f"  {label}\n    claimers   claims+completions/s   median claim ms   median complete ms")
             for n in levels:
                 done, wall, c_ms, t_ms = optuna_claims(target, n, max(trials, 2 * n))
@@ -329,7 +351,8 @@ def report(quick: bool = False, levels: tuple[int, ...] | None = None) -> None:
     pattern = tracking_backend("SQLite", None, workers, levels, trial_s, trials, 2000 if quick else None, None)
     pg = os.environ.get("BNSWEEP_TEST_PG")
     if pg:
-        tracking_backend("PostgreSQL", pg, workers, levels, trial_s, trials, None, pattern)
+        with scratch_database(pg) as db:
+            tracking_backend("PostgreSQL", db, workers, levels, trial_s, trials, None, pattern)
     else:
         print("  PostgreSQL backend: skipped (set BNSWEEP_TEST_PG=postgresql://... to measure it)")
     report_optuna(levels, 16 if quick else 128)
