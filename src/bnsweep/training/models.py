@@ -114,6 +114,15 @@ class BNNet(nn.Sequential):
         self.add_module("out", nn.Linear(in_features, num_classes))
         init_layer(self.out, self.output_init, self.init_std)
 
+    def _dense_head(self, width: int, hidden: Sequence[int], num_classes: int) -> None:
+        """A conv net's fully connected layers, then its output (instance norm has no dense form: none there)."""
+        normed = self.kind != "instance"
+        for i, hw in enumerate(hidden, 1):
+            check_int(f"model.hidden[{i - 1}]", hw, 1)
+            self._block(f"fc{i}", nn.Linear(width, hw, bias=self.hidden_bias or not normed), hw, False, normed=normed)
+            width = hw
+        self._output(width, num_classes)
+
     @property
     def hidden_bias(self) -> bool:
         """Whether hidden Linear/Conv layers have a bias: not where a norm follows (every kind subtracts a mean,
@@ -207,14 +216,7 @@ class CNN(BNNet):
             self.add_module(f"conv{i}_pool", nn.MaxPool2d(2))
             c, h, w = ch, h // 2, w // 2
         self.add_module("flatten", nn.Flatten())
-        width = c * h * w
-        dense_normed = self.kind != "instance"
-        for i, hw in enumerate(hidden, 1):
-            check_range(f"model.hidden[{i - 1}]", hw, 1)
-            bias = self.hidden_bias or not dense_normed
-            self._block(f"fc{i}", nn.Linear(width, hw, bias=bias), hw, False, normed=dense_normed)
-            width = hw
-        self._output(width, num_classes)
+        self._dense_head(c * h * w, hidden, num_classes)
 
 
 def param_counts(model: nn.Module) -> dict[str, int]:

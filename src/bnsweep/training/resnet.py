@@ -87,10 +87,4 @@ class ResNet(BNNet):
                 c = w
         self.add_module("pool", nn.AdaptiveAvgPool2d(1))
         self.add_module("flatten", nn.Flatten())
-        dense_normed = self.kind != "instance"
-        for i, hw in enumerate(hidden, 1):
-            check_int(f"model.hidden[{i - 1}]", hw, 1)
-            bias = self.hidden_bias or not dense_normed
-            self._block(f"fc{i}", nn.Linear(c, hw, bias=bias), hw, False, normed=dense_normed)
-            c = hw
-        self._output(c, num_classes)
+        self._dense_head(c, hidden, num_classes)
