@@ -26,7 +26,7 @@ from bnsweep.sweep.basin import study_basin
 from bnsweep.sweep.definition import parse
 from bnsweep.sweep.slots import best_trial, is_repeat
 from bnsweep.sweep.storage import default_storage
-from bnsweep.tracking.runs import cell_run_name, trial_run_name
+from bnsweep.tracking.names import cell_run_name, trial_run_name
 
 SWEEPS = sorted(p.stem for p in Path(SWEEP_DIR).glob("*.yaml"))  # the ones the package ships
 

@@ -7,7 +7,8 @@ import optuna
 from bnsweep.errors import ConfigError
 from bnsweep.sweep import changes
 from bnsweep.sweep.definition import cell_labels
-from bnsweep.tracking.runs import RunTracker, cell_run_name
+from bnsweep.tracking.names import cell_run_name
+from bnsweep.tracking.runs import RunTracker
 
 
 class Cells:

@@ -9,7 +9,8 @@ from optuna.trial import TrialState
 
 from bnsweep.sweep.slots import live, recover_study, retried, trial_tags
 from bnsweep.tracking import outbox
-from bnsweep.tracking.runs import RUN_NAME_TAG, complete_trial_runs, mark_killed, trial_run_name
+from bnsweep.tracking.names import RUN_NAME_TAG, trial_run_name
+from bnsweep.tracking.runs import complete_trial_runs, mark_killed
 
 log = logging.getLogger("bnsweep.sweep")
 

@@ -24,7 +24,7 @@ from bnsweep.stats import Interval, decimals, fit_digits, mean_ci
 from bnsweep.sweep.basin import LR_KEY, Basin, cell_basin, measured, search_limits
 from bnsweep.sweep.definition import cell_labels
 from bnsweep.sweep.slots import best_trial, counts, is_repeat
-from bnsweep.tracking.runs import cell_run_name
+from bnsweep.tracking.names import cell_run_name
 
 # The basin over its seeds (``Basin.width``: the mean with its 95% CI over the seeds that closed both edges,
 # else the first seed's bracket), then the first seed's bracket: its edges, as LRs, and whether each is open.

@@ -9,7 +9,7 @@ from optuna.trial import TrialState
 from bnsweep.sweep.definition import SweepSpec
 from bnsweep.sweep.search import SEED_INDEX, SEED_STRIDE
 from bnsweep.sweep.slots import best_trial, trial_tags
-from bnsweep.tracking.runs import trial_run_name
+from bnsweep.tracking.names import trial_run_name
 
 
 class Trials:
